@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Set-up and entry point. On a fresh machine with Python 3.11 and a C++ compiler:
+#   ./run.sh train [ddvae-fast train options]   the main job (DD-VAE on the synthetic data)
+#   ./run.sh test  [pytest options]             the test suite (what CI runs)
+#   ./run.sh bench [pytest options]             the benchmarks
+# The first call creates .venv and installs the package into it.
+set -euo pipefail
+cd "$(dirname "$0")"
+PYTHON=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+STAMP="$VENV/.ddvae_fast_installed"
+
+install() {
+    "$PYTHON" -m venv "$VENV"
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
+    "$VENV/bin/python" -m pip install --quiet torch==2.13.0
+    "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+    touch "$STAMP"
+}
+
+# Reinstall when the build inputs changed since the last install.
+if [ ! -f "$STAMP" ] || [ -n "$(find setup.py pyproject.toml csrc -newer "$STAMP" -print -quit)" ]; then
+    install
+fi
+
+cmd=${1:-}
+shift || true
+case "$cmd" in
+    train) exec "$VENV/bin/ddvae-fast" train "$@" ;;
+    test) exec "$VENV/bin/python" -m pytest -q tests "$@" ;;
+    bench) exec "$VENV/bin/python" -m pytest -q benchmarks --benchmark-only "$@" ;;
+    *) echo "usage: ./run.sh train|test|bench [options]" >&2; exit 2 ;;
+esac
