@@ -1,0 +1,538 @@
+"""Triton backend of the fused relaxed arg-max loss (DD-VAE, Section 2.2, Eq. 11-13).
+
+Contract: .agent/LOSS_INTERFACE.md. Per row n with target t, logits l (length V),
+tau in (0, 1) and c = log(1/tau - 1):
+
+- 'logit' mode: z_s = (l_s - l_t)/tau + c, argmax_row = sum_{s != t} softplus(z_s)
+  (= -sum log sigma_tau(l_t - l_s), the authors' log-softmax form);
+  d/dl_s = sigmoid(z_s)/tau, d/dl_t = -sum_{s != t} sigmoid(z_s)/tau.
+- 'prob' mode: the same on p = softmax(l); the gradient goes through the
+  softmax backward p_s (g_s - sum_j p_j g_j).
+- nll_row = logsumexp(l) - l_t, correct_row = [l_t > l_s for every s != t].
+
+Kernel shape (the Liger-Kernel cross-entropy layout): one program per row, the
+gradient is written during the forward pass, row offsets are int64
+(program_id * row_stride), every load and store is masked, arithmetic is fp32
+for fp32/bf16/fp16 inputs and the gradient is stored in the input dtype.
+
+Memory traffic per row (V elements; "read" = one pass over the logits row):
+
+    mode   V <= BLOCK_V (one block)   V > BLOCK_V (looped in BLOCK_V chunks)
+    logit  1 read  (+1 grad write)    1 read (+1 write) if the nll gradient is
+                                      off (nll_weight == 0 or need_grad False);
+                                      2 reads + 1 write with the nll gradient,
+                                      whose softmax needs the final logsumexp
+    prob   1 read  (+1 grad write)    2 reads without the gradient, 3 reads +
+                                      1 write with it: (1) online max/sum-exp,
+                                      (2) losses and the row sums behind
+                                      A = sum_j p_j g_j, (3) recompute p, z and
+                                      write p (g - A)
+
+plus one scalar load of l_t per row. Lanes past V load l_t, so like the
+target's lane (excluded from every sum) they keep all intermediates finite.
+The one-block path keeps the whole row in registers. MAX_BLOCK_V = 8192 with
+num_warps = BLOCK_V // 512 (16 warps at the cap) gives 16 fp32 values per
+thread per live row vector; a 512-thread block may use at most 65536 / 512 =
+128 registers per thread. ptxas (sm_90a, Triton 3.9, compile only) reports
+for the fused prob path 99-110 registers and no spills at 8192, but 1.2 KB of
+spills at 16384 with 16 warps (52 B with 32 warps), hence the 8192 cap.
+DD-VAE vocabularies (SMILES ~30-100 tokens, binary MNIST 2) are far below it.
+
+Numerics (fp32 throughout, float64-checked in tests/test_triton_relaxed_argmax.py):
+- softplus(z) = max(z, 0) + log1p(exp(-|z|)) and sigmoid from exp(-|z|): no
+  overflow (tau = 1e-4 with |logits| = 1e4 gives |z| ~ 2e8, finite in fp32).
+- log1p and expm1 are not portable tl functions (libdevice has them on CUDA,
+  but the interpreter cannot run libdevice), so `_log1p` and `_expm1` use
+  Goldberg's and Kahan's corrections; both need an accurate log, and tl.log
+  lowers to libdevice __nv_logf on NVIDIA GPUs (only tl.exp is approximate).
+- nll of a row whose target is the max is log1p(sum_{s != t} exp(l_s - l_t)),
+  so confident rows keep relative accuracy; 1 - p_t is the sum of the others.
+- The target's own gradient is formed after the row from fp32 accumulators
+  and stored once.
+- 'prob' mode: p_s - p_t is p_t expm1(l_s - l_t) when |l_s - l_t| < 1 (else
+  1/tau would magnify p's rounding), and the softmax backward avoids
+  subtracting near-equal sums (see _prob_grad).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ddvae_fast.backends import triton_interpreted
+
+# Largest row chunk (a power of two), and the largest V for the fused
+# single-read paths. See the module docstring for why 8192.
+MAX_BLOCK_V = 8192
+_MIN_BLOCK_V = 16
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# --------------------------------------------------------------------------- #
+# Device helpers
+# --------------------------------------------------------------------------- #
+@triton.jit
+def _log1p(x):
+    """log(1 + x) for x >= 0 without losing the low digits of a tiny x."""
+    u = 1.0 + x
+    # u - 1 is exact, so x / (u - 1) corrects the rounding of 1 + x; the inner
+    # where keeps the unused lane free of 0/0.
+    return tl.where(u == 1.0, x, tl.log(u) * (x / tl.where(u == 1.0, 1.0, u - 1.0)))
+
+
+@triton.jit
+def _expm1(x):
+    """exp(x) - 1 to a few ulp for |x| <= 1 (Kahan): (u - 1) / log(u) is
+    insensitive to the rounding of u = exp(x), even an approximate exp."""
+    u = tl.exp(x)
+    um1 = u - 1.0
+    return tl.where(um1 == 0.0, x, um1 * (x / tl.log(tl.where(um1 == 0.0, 2.0, u))))
+
+
+@triton.jit
+def _prob_z(l, l_t, p, p_t, inv_tau, log_odds):
+    """z = (p - p_t)/tau + c. For |l - l_t| < 1 the difference is taken as
+    p_t expm1(l - l_t): p - p_t would cancel, and 1/tau magnifies the fp32
+    rounding of p (eps p / tau = 6e-4 p at tau = 1e-4) into z."""
+    x = l - l_t
+    near = tl.minimum(tl.maximum(x, -1.0), 1.0)  # keeps the unused lanes finite
+    diff = tl.where(tl.abs(x) < 1.0, p_t * _expm1(near), p - p_t)
+    return diff * inv_tau + log_odds
+
+
+@triton.jit
+def _softplus_sigmoid(z):
+    """softplus(z), sigmoid(z) and sigmoid(-z) = 1 - sigmoid(z), each to full
+    relative precision, from e = exp(-|z|) in (0, 1]: never overflows."""
+    e = tl.exp(-tl.abs(z))
+    r = 1.0 / (1.0 + e)  # the compiler shares 1 + e with _log1p
+    softplus = tl.maximum(z, 0.0) + _log1p(e)
+    sigmoid = tl.where(z >= 0.0, r, e * r)
+    complement = tl.where(z >= 0.0, e * r, r)
+    return softplus, sigmoid, complement
+
+
+@triton.jit
+def _prob_grad(p, sigmoid, complement, p_t, p_other, g_sum, ps_sum, pq_sum, inv_tau,
+               w_argmax, w_nll):
+    """Gradient of a non-target logit in 'prob' mode: p_s (g_s - A) + nll part.
+
+    A = sum_j p_j g_j is close to g_s when every sigmoid is near 1 (small tau,
+    target not on top), so g_s - A is rewritten exactly as
+    p_t (g_s + G) + sum_{j != t} p_j (sigma_s - sigma_j) / tau, and the last sum
+    as sigma_s P_o - sum p_j sigma_j, or (sigma_s >= 1/2) as
+    sum p_j (1 - sigma_j) - (1 - sigma_s) P_o: no difference of near-1 numbers."""
+    spread = tl.where(sigmoid >= 0.5, pq_sum - complement * p_other, sigmoid * p_other - ps_sum)
+    g_minus_a = p_t * (sigmoid * inv_tau + g_sum) + spread * inv_tau
+    return w_argmax * (p * g_minus_a) + w_nll * p
+
+
+@triton.jit
+def _prob_target_grad(p_t, p_other, g_sum, ps_sum, inv_tau, w_argmax, w_nll):
+    """p_t (-G - A) = -p_t (S + G (1 - p_t)), all terms positive; nll part -(1 - p_t)."""
+    return -w_argmax * (p_t * (ps_sum * inv_tau + g_sum * p_other)) - w_nll * p_other
+
+
+@triton.jit
+def _nll_and_softmax_terms(l_t, m, d_other):
+    """From the row max m and d_other = sum_{s != t} exp(l_s - m):
+    nll = logsumexp(l) - l_t, 1/sum exp(l - m), p_t and 1 - p_t (as sum of others)."""
+    d = d_other + tl.exp(l_t - m)
+    inv_d = 1.0 / d
+    # When l_t is the max, nll = log1p(d_other): keeps confident rows accurate.
+    nll = tl.where(m == l_t, _log1p(d_other), (m - l_t) + tl.log(d))
+    p_t = tl.exp(l_t - m) * inv_d
+    p_other = d_other * inv_d
+    return nll, inv_d, p_t, p_other
+
+
+@triton.jit
+def _store_row_outputs(argmax_ptr, nll_ptr, correct_ptr, row, t_ok, loss, nll, correct):
+    # An out-of-range target never reaches here through the public API; if it
+    # does, NaN losses flag it instead of a silent number.
+    nan = float("nan")
+    tl.store(argmax_ptr + row, tl.where(t_ok, loss, nan))
+    tl.store(nll_ptr + row, tl.where(t_ok, nll, nan))
+    tl.store(correct_ptr + row, t_ok & correct)
+
+
+@triton.jit
+def _store_ignored_row(argmax_ptr, nll_ptr, correct_ptr, grad_row, row, V,
+                       BLOCK_V: tl.constexpr, NEED_GRAD: tl.constexpr):
+    tl.store(argmax_ptr + row, 0.0)
+    tl.store(nll_ptr + row, 0.0)
+    tl.store(correct_ptr + row, True)
+    if NEED_GRAD:
+        cols = tl.arange(0, BLOCK_V)
+        zero = tl.zeros([BLOCK_V], dtype=grad_row.dtype.element_ty)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            tl.store(grad_row + offs, zero, mask=offs < V)
+
+
+# --------------------------------------------------------------------------- #
+# Kernels: one program per row
+# --------------------------------------------------------------------------- #
+@triton.jit
+def _relaxed_argmax_logit_kernel(
+    logits_ptr, target_ptr, grad_scale_ptr,
+    argmax_ptr, nll_ptr, correct_ptr, grad_ptr,
+    V, stride_row, ignore_index,
+    inv_tau, log_odds, argmax_weight, nll_weight,
+    BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr, NEED_GRAD: tl.constexpr,
+    NEED_NLL: tl.constexpr, NLL_GRAD: tl.constexpr, COMPUTE_LSE: tl.constexpr,
+):
+    """'logit' mode. NLL_GRAD: need_grad and nll_weight != 0 (the gradient then
+    contains softmax(l)); COMPUTE_LSE: NEED_NLL or NLL_GRAD (otherwise no exp
+    is spent on the logsumexp)."""
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.load(target_ptr + row)
+    logits_row = logits_ptr + row * stride_row
+    grad_row = grad_ptr + row * V
+    if t == ignore_index:
+        _store_ignored_row(argmax_ptr, nll_ptr, correct_ptr, grad_row, row, V, BLOCK_V, NEED_GRAD)
+        return
+
+    t_ok = (t >= 0) & (t < V)
+    l_t = tl.load(logits_row + t, mask=t_ok, other=float("nan")).to(tl.float32)
+    grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+    w_argmax = grad_scale * argmax_weight
+    w_nll = grad_scale * nll_weight
+    cols = tl.arange(0, BLOCK_V)
+    nll = 0.0
+
+    if ONE_BLOCK:
+        mask = cols < V
+        keep = mask & (cols != t)
+        l = tl.load(logits_row + cols, mask=mask, other=l_t).to(tl.float32)
+        z = (l - l_t) * inv_tau + log_odds
+        softplus, sigmoid, complement = _softplus_sigmoid(z)
+        g = sigmoid * inv_tau
+        loss = tl.sum(tl.where(keep, softplus, 0.0), axis=0)
+        g_sum = tl.sum(tl.where(keep, g, 0.0), axis=0)
+        max_other = tl.max(tl.where(keep, l, float("-inf")), axis=0)
+        if COMPUTE_LSE:
+            m = tl.maximum(l_t, max_other)
+            e = tl.where(keep, tl.exp(l - m), 0.0)
+            nll, inv_d, p_t, p_other = _nll_and_softmax_terms(l_t, m, tl.sum(e, axis=0))
+        if NEED_GRAD:
+            grad = w_argmax * g
+            target_grad = -w_argmax * g_sum
+            if NLL_GRAD:
+                grad += w_nll * (e * inv_d)
+                target_grad -= w_nll * p_other
+            grad = tl.where(cols == t, target_grad, grad)
+            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    else:
+        loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+        g_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+        max_other = float("-inf")
+        m = l_t
+        d_other = 0.0
+        # Pass 1: losses, sum of sigmoids, online max / sum-exp; without the
+        # nll gradient this is the only pass and writes the gradient too.
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            keep = mask & (offs != t)
+            l = tl.load(logits_row + offs, mask=mask, other=l_t).to(tl.float32)
+            z = (l - l_t) * inv_tau + log_odds
+            softplus, sigmoid, complement = _softplus_sigmoid(z)
+            g = sigmoid * inv_tau
+            loss_acc += tl.where(keep, softplus, 0.0)
+            g_acc += tl.where(keep, g, 0.0)
+            max_other = tl.maximum(max_other, tl.max(tl.where(keep, l, float("-inf")), axis=0))
+            if COMPUTE_LSE:
+                m_new = tl.maximum(m, max_other)
+                d_other = d_other * tl.exp(m - m_new) + tl.sum(
+                    tl.where(keep, tl.exp(l - m_new), 0.0), axis=0)
+                m = m_new
+            if NEED_GRAD:
+                if not NLL_GRAD:
+                    # The target's element is written once after the row.
+                    tl.store(grad_row + offs, (w_argmax * g).to(grad_ptr.dtype.element_ty),
+                             mask=keep)
+        loss = tl.sum(loss_acc, axis=0)
+        g_sum = tl.sum(g_acc, axis=0)
+        if COMPUTE_LSE:
+            nll, inv_d, p_t, p_other = _nll_and_softmax_terms(l_t, m, d_other)
+        if NEED_GRAD:
+            target_grad = -w_argmax * g_sum
+            if NLL_GRAD:
+                target_grad -= w_nll * p_other
+                # Pass 2: softmax(l) needs the final logsumexp; recompute and
+                # write every element once (the target's from the accumulators).
+                for start in range(0, V, BLOCK_V):
+                    offs = start + cols
+                    mask = offs < V
+                    l = tl.load(logits_row + offs, mask=mask, other=l_t).to(tl.float32)
+                    z = (l - l_t) * inv_tau + log_odds
+                    softplus, sigmoid, complement = _softplus_sigmoid(z)
+                    grad = w_argmax * (sigmoid * inv_tau) + w_nll * (tl.exp(l - m) * inv_d)
+                    grad = tl.where(offs == t, target_grad, grad)
+                    tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+            else:
+                tl.store(grad_row + t, target_grad.to(grad_ptr.dtype.element_ty), mask=t_ok)
+
+    if not NEED_NLL:
+        nll = 0.0
+    correct = (max_other < l_t) | (V == 1)
+    _store_row_outputs(argmax_ptr, nll_ptr, correct_ptr, row, t_ok, loss, nll, correct)
+
+
+@triton.jit
+def _relaxed_argmax_prob_kernel(
+    logits_ptr, target_ptr, grad_scale_ptr,
+    argmax_ptr, nll_ptr, correct_ptr, grad_ptr,
+    V, stride_row, ignore_index,
+    inv_tau, log_odds, argmax_weight, nll_weight,
+    BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr, NEED_GRAD: tl.constexpr,
+    NEED_NLL: tl.constexpr,
+):
+    """'prob' mode: the relaxed arg max on p = softmax(l).
+
+    With g_s = sigmoid(z_s)/tau (s != t), G = sum_{s != t} g_s, S = sum_{s != t}
+    p_s g_s and A = sum_j p_j g_j = S - p_t G, the logits gradient is
+    p_s (g_s - A) for s != t and p_t (-G - A) for t, both evaluated in forms
+    free of cancellation (_prob_grad, _prob_target_grad)."""
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.load(target_ptr + row)
+    logits_row = logits_ptr + row * stride_row
+    grad_row = grad_ptr + row * V
+    if t == ignore_index:
+        _store_ignored_row(argmax_ptr, nll_ptr, correct_ptr, grad_row, row, V, BLOCK_V, NEED_GRAD)
+        return
+
+    t_ok = (t >= 0) & (t < V)
+    l_t = tl.load(logits_row + t, mask=t_ok, other=float("nan")).to(tl.float32)
+    grad_scale = tl.load(grad_scale_ptr).to(tl.float32)
+    w_argmax = grad_scale * argmax_weight
+    w_nll = grad_scale * nll_weight
+    cols = tl.arange(0, BLOCK_V)
+
+    if ONE_BLOCK:
+        mask = cols < V
+        keep = mask & (cols != t)
+        l = tl.load(logits_row + cols, mask=mask, other=l_t).to(tl.float32)
+        max_other = tl.max(tl.where(keep, l, float("-inf")), axis=0)
+        m = tl.maximum(l_t, max_other)
+        e = tl.where(keep, tl.exp(l - m), 0.0)
+        nll, inv_d, p_t, p_other = _nll_and_softmax_terms(l_t, m, tl.sum(e, axis=0))
+        p = e * inv_d
+        z = _prob_z(l, l_t, p, p_t, inv_tau, log_odds)
+        softplus, sigmoid, complement = _softplus_sigmoid(z)
+        loss = tl.sum(tl.where(keep, softplus, 0.0), axis=0)
+        g_sum = tl.sum(tl.where(keep, sigmoid, 0.0), axis=0) * inv_tau
+        ps_sum = tl.sum(p * sigmoid, axis=0)  # p is 0 off `keep`
+        pq_sum = tl.sum(p * complement, axis=0)
+        if NEED_GRAD:
+            grad = _prob_grad(p, sigmoid, complement, p_t, p_other, g_sum, ps_sum, pq_sum,
+                              inv_tau, w_argmax, w_nll)
+            target_grad = _prob_target_grad(p_t, p_other, g_sum, ps_sum, inv_tau, w_argmax, w_nll)
+            grad = tl.where(cols == t, target_grad, grad)
+            tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+    else:
+        # Pass 1: online row max and sum of exp over s != t.
+        max_other = float("-inf")
+        m = l_t
+        d_other = 0.0
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            keep = mask & (offs != t)
+            l = tl.load(logits_row + offs, mask=mask, other=l_t).to(tl.float32)
+            max_other = tl.maximum(max_other, tl.max(tl.where(keep, l, float("-inf")), axis=0))
+            m_new = tl.maximum(m, max_other)
+            d_other = d_other * tl.exp(m - m_new) + tl.sum(
+                tl.where(keep, tl.exp(l - m_new), 0.0), axis=0)
+            m = m_new
+        nll, inv_d, p_t, p_other = _nll_and_softmax_terms(l_t, m, d_other)
+        # Pass 2: losses and the row sums of sigmoid, p sigmoid, p (1 - sigmoid).
+        loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+        s_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+        ps_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+        pq_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for start in range(0, V, BLOCK_V):
+            offs = start + cols
+            mask = offs < V
+            keep = mask & (offs != t)
+            l = tl.load(logits_row + offs, mask=mask, other=l_t).to(tl.float32)
+            p = tl.exp(l - m) * inv_d
+            z = _prob_z(l, l_t, p, p_t, inv_tau, log_odds)
+            softplus, sigmoid, complement = _softplus_sigmoid(z)
+            p = tl.where(keep, p, 0.0)
+            loss_acc += tl.where(keep, softplus, 0.0)
+            s_acc += tl.where(keep, sigmoid, 0.0)
+            ps_acc += p * sigmoid
+            pq_acc += p * complement
+        loss = tl.sum(loss_acc, axis=0)
+        g_sum = tl.sum(s_acc, axis=0) * inv_tau
+        ps_sum = tl.sum(ps_acc, axis=0)
+        pq_sum = tl.sum(pq_acc, axis=0)
+        if NEED_GRAD:
+            # Pass 3: recompute p and the sigmoids, write the softmax-backward gradient.
+            target_grad = _prob_target_grad(p_t, p_other, g_sum, ps_sum, inv_tau, w_argmax, w_nll)
+            for start in range(0, V, BLOCK_V):
+                offs = start + cols
+                mask = offs < V
+                l = tl.load(logits_row + offs, mask=mask, other=l_t).to(tl.float32)
+                p = tl.exp(l - m) * inv_d
+                z = _prob_z(l, l_t, p, p_t, inv_tau, log_odds)
+                softplus, sigmoid, complement = _softplus_sigmoid(z)
+                grad = _prob_grad(p, sigmoid, complement, p_t, p_other, g_sum, ps_sum, pq_sum,
+                                  inv_tau, w_argmax, w_nll)
+                grad = tl.where(offs == t, target_grad, grad)
+                tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
+
+    if not NEED_NLL:
+        nll = 0.0
+    correct = (max_other < l_t) | (V == 1)
+    _store_row_outputs(argmax_ptr, nll_ptr, correct_ptr, row, t_ok, loss, nll, correct)
+
+
+# --------------------------------------------------------------------------- #
+# Host wrapper
+# --------------------------------------------------------------------------- #
+def _check_float(name: str, value, *, positive_open_unit: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive_open_unit and not 0.0 < value < 1.0:
+        raise ValueError(f"{name} must lie in (0, 1), got {value}")
+    return value
+
+
+def _check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _validate_inputs(logits, target, grad_scale) -> None:
+    """The contract's preconditions that can be checked without a host sync.
+    (Target values are range-checked by the caller; the kernel stays in bounds
+    for any value and writes NaN losses for an out-of-range one.)"""
+    if not isinstance(logits, torch.Tensor):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    if logits.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"the triton backend takes float32, bfloat16 or float16 logits, got {logits.dtype} "
+            "(use the 'cpp' or 'reference' backend for float64)")
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be 2-D (N, V), got shape {tuple(logits.shape)}")
+    n_rows, vocab = logits.shape
+    if n_rows >= 2**31:
+        raise ValueError(f"N = {n_rows} rows exceed the launch grid limit 2^31 - 1")
+    if vocab < 1:
+        raise ValueError("logits must have V >= 1 columns")
+    if vocab >= 2**31:
+        raise ValueError(f"V = {vocab} does not fit the kernel's int32 column index")
+    if vocab > 1 and logits.stride(1) != 1:
+        raise ValueError(
+            f"logits must have unit column stride (stride(1) == 1), got {logits.stride()}; "
+            "row-strided views are fine, pass .contiguous() for anything else")
+    device = logits.device
+    if device.type == "cpu":
+        if not triton_interpreted():
+            raise ValueError(
+                "the triton backend runs CPU tensors only under TRITON_INTERPRET=1 "
+                "(set before triton is imported); use a CUDA tensor or the 'cpp' backend")
+    elif device.type != "cuda":
+        raise ValueError(f"the triton backend runs CUDA tensors, got a tensor on {device}")
+
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype != torch.int64:
+        raise TypeError(f"target must be int64, got {target.dtype}")
+    if target.shape != (n_rows,):
+        raise ValueError(f"target must have shape ({n_rows},), got {tuple(target.shape)}")
+    if not target.is_contiguous():
+        raise ValueError("target must be contiguous")
+    if target.device != device:
+        raise ValueError(f"target is on {target.device} but logits are on {device}")
+
+    if not isinstance(grad_scale, torch.Tensor):
+        raise TypeError(f"grad_scale must be a 0-dim torch.Tensor, got {type(grad_scale).__name__}")
+    if grad_scale.dtype != torch.float32:
+        raise TypeError(f"grad_scale must be float32, got {grad_scale.dtype}")
+    if grad_scale.dim() != 0:
+        raise ValueError(f"grad_scale must be 0-dim, got shape {tuple(grad_scale.shape)}")
+    if grad_scale.device != device:
+        raise ValueError(f"grad_scale is on {grad_scale.device} but logits are on {device}")
+
+
+def _block_v(vocab: int, max_block_v: int) -> int:
+    return min(max(triton.next_power_of_2(vocab), _MIN_BLOCK_V), max_block_v)
+
+
+def _num_warps(block_v: int) -> int:
+    # 16 row elements per thread from 512 columns up; one warp below that.
+    return min(16, max(1, block_v // 512))
+
+
+def relaxed_argmax_forward(logits, target, tau, prob_mode, ignore_index,
+                           argmax_weight, nll_weight, grad_scale,
+                           need_grad, need_nll, *, max_block_v: int = MAX_BLOCK_V):
+    """Fused relaxed arg-max forward (and gradient) on the triton backend.
+
+    Returns (argmax_rows, nll_rows, correct_rows, grad) as in LOSS_INTERFACE.md:
+    argmax_rows and nll_rows float32 (N,), correct_rows bool (N,), grad a new
+    contiguous (N, V) tensor in the logits dtype (or shape (0,) when need_grad is
+    False). max_block_v (a power of two >= 16) caps the row chunk and the fused
+    single-read threshold; it exists so tests can exercise the chunked loops on
+    small rows. No host synchronisation.
+    """
+    _validate_inputs(logits, target, grad_scale)
+    tau = _check_float("tau", tau, positive_open_unit=True)
+    argmax_weight = _check_float("argmax_weight", argmax_weight)
+    nll_weight = _check_float("nll_weight", nll_weight)
+    prob_mode = _check_bool("prob_mode", prob_mode)
+    need_grad = _check_bool("need_grad", need_grad)
+    need_nll = _check_bool("need_nll", need_nll)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not -2**63 <= ignore_index < 2**63:
+        raise ValueError(f"ignore_index {ignore_index} does not fit int64")
+    if (isinstance(max_block_v, bool) or not isinstance(max_block_v, int)
+            or max_block_v < _MIN_BLOCK_V or max_block_v & (max_block_v - 1)):
+        raise ValueError(f"max_block_v must be a power of two >= {_MIN_BLOCK_V}, got {max_block_v}")
+
+    n_rows, vocab = logits.shape
+    device = logits.device
+    argmax_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
+    nll_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
+    correct_rows = torch.empty(n_rows, dtype=torch.bool, device=device)
+    if need_grad:
+        grad = torch.empty((n_rows, vocab), dtype=logits.dtype, device=device)
+    else:
+        grad = torch.empty((0,), dtype=logits.dtype, device=device)
+    if n_rows == 0:
+        nll_rows.zero_()
+        return argmax_rows, nll_rows, correct_rows, grad
+
+    block_v = _block_v(vocab, max_block_v)
+    common = dict(
+        V=vocab, stride_row=logits.stride(0), ignore_index=ignore_index,
+        inv_tau=1.0 / tau,
+        log_odds=math.log1p(-tau) - math.log(tau),  # log(1/tau - 1), accurate near tau = 1
+        argmax_weight=argmax_weight, nll_weight=nll_weight,
+        BLOCK_V=block_v, ONE_BLOCK=vocab <= block_v, NEED_GRAD=need_grad,
+        NEED_NLL=need_nll, num_warps=_num_warps(block_v),
+    )
+    args = (logits, target, grad_scale, argmax_rows, nll_rows, correct_rows, grad)
+    grid = (n_rows,)
+    # Triton launches on the current CUDA device; make it the tensors' device.
+    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    with on_device:
+        if prob_mode:
+            _relaxed_argmax_prob_kernel[grid](*args, **common)
+        else:
+            nll_grad = need_grad and nll_weight != 0.0
+            _relaxed_argmax_logit_kernel[grid](
+                *args, NLL_GRAD=nll_grad, COMPUTE_LSE=need_nll or nll_grad, **common)
+    return argmax_rows, nll_rows, correct_rows, grad
