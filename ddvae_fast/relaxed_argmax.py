@@ -432,6 +432,9 @@ def _setup_context(ctx, inputs, output):
     ctx.need_grad = inputs[8]
     # Only the loss is differentiable; the rows, count and gradient are data.
     ctx.mark_non_differentiable(*output[1:])
+    # Without this autograd would fill a zero (N, V) gradient for the unused
+    # grad output: a second logits-sized buffer and a pass over memory.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[5])
 
 
@@ -440,10 +443,24 @@ def _backward(ctx, grad_loss, *unused_grads):
     nones = (None,) * 10
     if grad_loss is None or not ctx.need_grad:
         return (None,) + nones
+    if getattr(ctx, "gradient_handed_out", False):
+        raise RuntimeError(
+            "the fused relaxed arg-max backward runs once per forward: its saved gradient "
+            "buffer was handed to autograd by the first backward. Recompute the loss, or "
+            "use backend='reference' to backpropagate through the same graph twice."
+        )
+    ctx.gradient_handed_out = True
+    if (
+        ctx.reduction != "none"
+        and grad.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and bool(grad_loss == 1)
+    ):
+        # loss.backward(): the saved gradient is already the answer. Reading
+        # a CPU scalar is no device sync; skipping saves a pass over (N, V).
+        return (grad,) + nones
     scale = grad_loss.to(grad.dtype)
-    # In place: no second (N, V) buffer. The version counter of the saved
-    # tensor then makes a second backward (retain_graph) raise instead of
-    # returning a twice-scaled gradient.
+    # In place: no second (N, V) buffer.
     if ctx.reduction == "none":
         grad.mul_(scale.unsqueeze(1))
     else:

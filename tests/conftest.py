@@ -5,7 +5,11 @@ interpreter, which must be switched on before triton is first imported.
 """
 import os
 
-import torch
+# OpenMP's default busy-waiting makes every parallel region slow when the cores
+# are shared; set before torch (and libgomp) load.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

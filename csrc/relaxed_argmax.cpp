@@ -1,0 +1,898 @@
+// Fused relaxed arg-max loss, forward + gradient, CPU (the 'cpp' backend).
+//
+// Contract: .agent/LOSS_INTERFACE.md. Per row n, target t, logits row l (length V),
+// tau in (0, 1), c = log(1/tau - 1):
+//   logit mode: z_s = (l_s - l_t)/tau + c, argmax_row = sum_{s != t} softplus(z_s),
+//               d/dl_s = sigmoid(z_s)/tau (s != t), d/dl_t = -(sum of the others).
+//   prob mode:  p = softmax(l), z_s = (p_s - p_t)/tau + c, same sum; with
+//               g_s = sigmoid(z_s)/tau, g_t = -sum_{s != t} g_s the logits gradient
+//               is p_s (g_s - sum_j p_j g_j).
+//   nll_row = logsumexp(l) - l_t, d/dl = softmax(l) - onehot(t).
+//   correct_row = 1 iff l_t > l_s for every s != t.
+//
+// Design
+// - No torch headers: Python hands over data_ptr()s, sizes and the row stride
+//   (all int64, so N*V >= 2^31 is fine). The GIL is released around the compute.
+// - OpenMP over rows: each thread takes one contiguous block of rows.
+// - Every inner loop works on one register of W lanes (GCC vector extensions),
+//   so it is SIMD whatever the auto-vectoriser decides; exp and log1p are our
+//   own branch-free polynomials (below). The kernels are compiled three times,
+//   for AVX-512 (W = 16 floats / 8 doubles), AVX2+FMA (8 / 4) and the SSE2
+//   baseline (4 / 2), and the best copy the CPU supports is picked at run time
+//   (setup.py builds without -march=native, so the baseline alone would be
+//   4-wide SSE2 without FMA).
+// - Template parameters (dtype, mode, need_grad, need_nll, nll gradient) are
+//   compile-time, so the hot loops carry no mode branches.
+// - Subnormals are flushed to zero (FTZ/DAZ) while a kernel runs (and the
+//   caller's floating-point mode restored after): exp(-|z|) is tiny for most
+//   rivals, and subnormal intermediates made logit mode 2.2x slower.
+// - Summation accuracy: per-lane fp32 partial sums are flushed into fp64 lanes
+//   every FLUSH_CHUNKS chunks (<= 8 fp32 additions per lane before a flush),
+//   so a row sum has relative error ~ (8 + log2 W) eps_fp32 whatever V is;
+//   fp64 inputs accumulate in fp64 throughout.
+//
+// Passes over a row (the row comes from memory once; later passes hit L1/L2
+// for realistic V: a 32000-wide fp32 row is 128 KB):
+//   logit, no nll ................. 1 pass: read l, write grad
+//   logit, nll value .............. 2 passes: row max (loads and max only), then
+//                                    the main loop also sums exp(l - max)
+//   logit, nll with gradient ...... 3 passes: as above, then grad += softmax
+//                                    (it needs the logsumexp of the whole row)
+//   prob ........................... 3 passes without, 4 with gradient
+//                                    (max | exp + sum | z, sums | softmax-backward
+//                                    rescale), using a per-thread scratch row.
+// An online (running max) logsumexp inside the main loop was measured slower
+// (3.8 vs 2.2 ns/element at V = 64, AVX-512): its rescaling selects and fp64
+// lanes cost more than one extra pass of loads over a cached row.
+// The target's gradient is computed after the row, in fp64, and written once.
+//
+// Polynomial accuracy: see ACCURACY below (measured by
+// tests/test_cpp_relaxed_argmax.py).
+
+#ifndef DDF_KERNEL_BODY
+
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h>
+#define DDF_X86 1
+#else
+#define DDF_X86 0
+#endif
+
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace py = pybind11;
+
+#define DDF_INLINE inline __attribute__((always_inline))
+
+// One kernel launch: pointers (from tensor.data_ptr()), sizes and options.
+struct Call {
+  uintptr_t logits, target, grad_scale, loss_out, nll_out, correct_out, grad_out;
+  int64_t N, V, row_stride, ignore_index;
+  bool is_double, prob, grad, nll, nll_grad;
+  double tau, aw, nw;
+  uintptr_t scratch;  // prob mode: one scratch row of scratch_stride elements per thread
+  int64_t scratch_stride;
+};
+
+// The kernel code below the #else is compiled three times, once per
+// instruction set: this file includes itself inside a namespace under a
+// `#pragma GCC target`. (A target attribute on an entry point alone is not
+// enough: GCC lowers the always-inline helpers' 64-byte vectors for the
+// baseline target before inlining them, which turns broadcasts into 16
+// element inserts.)
+// DDF_VBYTES is the vector width of each copy: one register (wider vectors
+// run out of registers on AVX2 and spill).
+#define DDF_KERNEL_BODY
+
+#if DDF_X86
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512bw,avx512vl,avx2,fma")
+#define DDF_VBYTES 64
+namespace ddf_avx512 {
+#include "relaxed_argmax.cpp"
+}  // namespace ddf_avx512
+#undef DDF_VBYTES
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define DDF_VBYTES 32
+namespace ddf_avx2 {
+#include "relaxed_argmax.cpp"
+}  // namespace ddf_avx2
+#undef DDF_VBYTES
+#pragma GCC pop_options
+#endif  // DDF_X86
+
+// The baseline copy (SSE2 on x86-64; the target's 128-bit SIMD elsewhere).
+#define DDF_VBYTES 16
+namespace ddf_sse2 {
+#include "relaxed_argmax.cpp"
+}  // namespace ddf_sse2
+#undef DDF_VBYTES
+
+#undef DDF_KERNEL_BODY
+
+namespace {
+
+typedef void (*RowsFn)(const Call&, int64_t, int64_t, int);
+typedef void (*MathFn)(int, bool, uintptr_t, uintptr_t, int64_t);
+
+struct Isa {
+  const char* name;
+  RowsFn rows;
+  MathFn math;
+  bool supported;
+};
+
+const std::vector<Isa>& isas() {
+  static const std::vector<Isa> all = [] {
+#if DDF_X86
+    __builtin_cpu_init();
+    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    return std::vector<Isa>{{"avx512", ddf_avx512::rows, ddf_avx512::math, avx512},
+                            {"avx2", ddf_avx2::rows, ddf_avx2::math, avx2},
+                            {"sse2", ddf_sse2::rows, ddf_sse2::math, true}};
+#else
+    return std::vector<Isa>{{"sse2", ddf_sse2::rows, ddf_sse2::math, true}};
+#endif
+  }();
+  return all;
+}
+
+// Flush-to-zero and denormals-are-zero in this thread while a kernel runs,
+// restoring the caller's mode after (these are torch's pool threads). Tiny
+// values appear all the time here (exp(-|z|) ~ 1e-30 has a square of 1e-60 in
+// log1p's series) and subnormal arithmetic is many times slower; flushing
+// changes results only below 2^-126 (fp32) / 2^-1022 (fp64), under the
+// kernels' exp cut-off exp(-87) / exp(-708) anyway.
+struct DenormalsAreZero {
+#if DDF_X86
+  unsigned saved = _mm_getcsr();
+  DenormalsAreZero() { _mm_setcsr(saved | 0x8040u); }  // FTZ (bit 15) | DAZ (bit 6)
+  ~DenormalsAreZero() { _mm_setcsr(saved); }
+#endif
+};
+
+void run_rows(RowsFn rows, const Call& a, int64_t lo, int64_t hi, int thread) {
+  DenormalsAreZero ftz;
+  rows(a, lo, hi, thread);
+}
+
+const Isa& pick_isa(const std::string& name) {
+  for (const Isa& isa : isas()) {
+    if (name == "auto" && isa.supported) return isa;
+    if (name == isa.name) {
+      if (!isa.supported) throw std::invalid_argument("instruction set '" + name + "' is not supported by this CPU");
+      return isa;
+    }
+  }
+  throw std::invalid_argument("unknown instruction set '" + name + "'; expected 'auto', 'avx512', 'avx2' or 'sse2'");
+}
+
+std::vector<std::string> supported_isas() {
+  std::vector<std::string> out;
+  for (const Isa& isa : isas())
+    if (isa.supported) out.push_back(isa.name);
+  return out;
+}
+
+void forward(uintptr_t logits, uintptr_t target, uintptr_t grad_scale, uintptr_t loss_out,
+             uintptr_t nll_out, uintptr_t correct_out, uintptr_t grad_out, int64_t N, int64_t V,
+             int64_t row_stride, bool is_double, double tau, bool prob_mode, int64_t ignore_index,
+             double argmax_weight, double nll_weight, bool need_grad, bool need_nll, int num_threads,
+             const std::string& isa_name) {
+  if (N < 0 || V < 1) throw std::invalid_argument("need N >= 0 and V >= 1");
+  if (row_stride < 0) throw std::invalid_argument("row_stride must be >= 0");
+  if (!(tau > 0.0 && tau < 1.0)) throw std::invalid_argument("tau must lie in (0, 1)");
+  if (num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
+  const Isa& isa = pick_isa(isa_name);
+  if (N == 0) return;
+  if (!logits || !target || !loss_out || !nll_out || !correct_out ||
+      (need_grad && (!grad_out || !grad_scale)))
+    throw std::invalid_argument("null data pointer");
+
+  Call a;
+  a.logits = logits;
+  a.target = target;
+  a.grad_scale = grad_scale;
+  a.loss_out = loss_out;
+  a.nll_out = nll_out;
+  a.correct_out = correct_out;
+  a.grad_out = grad_out;
+  a.N = N;
+  a.V = V;
+  a.row_stride = row_stride;
+  a.ignore_index = ignore_index;
+  a.is_double = is_double;
+  a.prob = prob_mode;
+  a.grad = need_grad;
+  a.nll = need_nll;
+  // as in the reference: the nll term enters the gradient iff nll_weight != 0
+  // (its logsumexp is then computed even if need_nll is False)
+  a.nll_grad = need_grad && nll_weight != 0.0;
+  a.tau = tau;
+  a.aw = argmax_weight;
+  a.nw = nll_weight;
+
+  // Small problems are not worth waking threads for.
+  int64_t nt = std::min<int64_t>(num_threads, N);
+  if (N * V < (int64_t(1) << 15)) nt = 1;
+
+  // Prob-mode scratch, allocated here (outside the parallel region, so an
+  // allocation failure is an ordinary exception).
+  const int64_t w = 16;  // >= the widest W of any copy (16 floats)
+  const int64_t vpad = (V + w - 1) / w * w;
+  std::vector<double> scratch;  // doubles: large enough for either dtype
+  if (prob_mode) scratch.resize(size_t(nt * 2 * vpad));
+  a.scratch = reinterpret_cast<uintptr_t>(scratch.data());
+  a.scratch_stride = 2 * vpad;
+
+  const RowsFn rows = isa.rows;
+  py::gil_scoped_release nogil;
+  if (nt == 1) {
+    run_rows(rows, a, 0, N, 0);
+    return;
+  }
+  const int64_t per = (N + nt - 1) / nt;
+#pragma omp parallel for schedule(static, 1) num_threads(int(nt))
+  for (int64_t ci = 0; ci < nt; ++ci) {
+    const int64_t lo = ci * per, hi = std::min(N, lo + per);
+    if (lo < hi) run_rows(rows, a, lo, hi, int(ci));
+  }
+}
+
+void math(const std::string& op, uintptr_t in, uintptr_t out, int64_t n, bool is_double,
+          const std::string& isa_name) {
+  int code;
+  if (op == "exp") code = 0;
+  else if (op == "log1p") code = 1;
+  else throw std::invalid_argument("op must be 'exp' or 'log1p'");
+  if (n < 0) throw std::invalid_argument("n must be >= 0");
+  const Isa& isa = pick_isa(isa_name);
+  py::gil_scoped_release nogil;
+  isa.math(code, is_double, in, out, n);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_relaxed_argmax, m) {
+  m.doc() =
+      "Fused relaxed arg-max loss (forward + gradient) on CPU; raw-pointer kernels. "
+      "Use ddvae_fast.cpp_relaxed_argmax.relaxed_argmax_forward, which checks the inputs.";
+  m.def("forward", &forward, py::arg("logits"), py::arg("target"), py::arg("grad_scale"),
+        py::arg("loss_out"), py::arg("nll_out"), py::arg("correct_out"), py::arg("grad_out"),
+        py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("is_double"), py::arg("tau"),
+        py::arg("prob_mode"), py::arg("ignore_index"), py::arg("argmax_weight"),
+        py::arg("nll_weight"), py::arg("need_grad"), py::arg("need_nll"), py::arg("num_threads"),
+        py::arg("isa") = "auto");
+  m.def("math", &math, py::arg("op"), py::arg("x"), py::arg("out"), py::arg("n"),
+        py::arg("is_double"), py::arg("isa") = "auto",
+        "Elementwise vectorised exp (the kernels use x <= 0) or log1p (domain [0, 1]).");
+  m.def("supported_isas", &supported_isas, "Instruction sets this CPU runs, best first.");
+}
+
+#else  // DDF_KERNEL_BODY: the kernels, included once per instruction set (no #includes here)
+
+// ---------------------------------------------------------------- SIMD lanes
+
+template <typename T>
+struct Lanes;
+
+// W lanes of one DDF_VBYTES-byte register: 16/8/4 floats or 8/4/2 doubles.
+template <>
+struct Lanes<float> {
+  static constexpr int W = DDF_VBYTES / 4;
+  typedef float vec __attribute__((vector_size(DDF_VBYTES)));
+  typedef int32_t lane_int;
+  typedef int32_t mask __attribute__((vector_size(DDF_VBYTES)));
+  typedef uint32_t bits __attribute__((vector_size(DDF_VBYTES)));
+  typedef double wide __attribute__((vector_size(2 * DDF_VBYTES)));  // fp64 accumulators
+  typedef int64_t wide_mask __attribute__((vector_size(2 * DDF_VBYTES)));
+};
+
+template <>
+struct Lanes<double> {
+  static constexpr int W = DDF_VBYTES / 8;
+  typedef double vec __attribute__((vector_size(DDF_VBYTES)));
+  typedef int64_t lane_int;
+  typedef int64_t mask __attribute__((vector_size(DDF_VBYTES)));
+  typedef uint64_t bits __attribute__((vector_size(DDF_VBYTES)));
+  typedef double wide __attribute__((vector_size(DDF_VBYTES)));
+  typedef int64_t wide_mask __attribute__((vector_size(DDF_VBYTES)));
+};
+
+// fp32 lanes take at most this many additions before being added to fp64 lanes.
+constexpr int64_t FLUSH_CHUNKS = 8;
+
+// Broadcast. x - 0 (not x + 0, which turns -0.0 into +0.0) is exact for every
+// x, so this is a plain broadcast instruction.
+template <typename V, typename S>
+DDF_INLINE V splat(S x) {
+  return x - V{};
+}
+
+template <typename V, typename T>
+DDF_INLINE V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+DDF_INLINE void store(T* p, V v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+template <typename T>
+DDF_INLINE typename Lanes<T>::mask iota() {
+  typename Lanes<T>::mask m;
+  for (int j = 0; j < Lanes<T>::W; ++j) m[j] = j;
+  return m;
+}
+
+// Lane j of the chunk starting at `base` is the target iff j == target_lane(t - base).
+template <typename T>
+DDF_INLINE typename Lanes<T>::mask target_lane(int64_t offset) {
+  constexpr int64_t W = Lanes<T>::W;
+  const int64_t d = offset < -1 ? -1 : (offset > W ? W : offset);
+  return splat<typename Lanes<T>::mask>(typename Lanes<T>::lane_int(d));
+}
+
+template <typename T>
+DDF_INLINE typename Lanes<T>::mask lanes_below(int n) {
+  return iota<T>() < splat<typename Lanes<T>::mask>(typename Lanes<T>::lane_int(n));
+}
+
+template <typename T>
+DDF_INLINE typename Lanes<T>::vec vabs(typename Lanes<T>::vec x) {
+  typedef typename Lanes<T>::bits bits;
+  typedef typename Lanes<T>::vec vec;
+  return (vec)((bits)x & (splat<bits>(-1) >> 1));  // clear the sign bit
+}
+
+// Horizontal reductions by halving: log2(W) vector operations on the two
+// halves instead of W - 1 dependent scalar ones (this is per-row work, which
+// matters for small V).
+template <typename E, int BYTES>
+struct VecOf {
+  typedef E type __attribute__((vector_size(BYTES)));
+};
+
+template <typename E, int BYTES, typename Op>
+DDF_INLINE E reduce_tree(typename VecOf<E, BYTES>::type v, Op op) {
+  if constexpr (BYTES == 2 * int(sizeof(E))) {
+    return op(v[0], v[1]);
+  } else {
+    typedef typename VecOf<E, BYTES / 2>::type Half;
+    Half lo, hi;
+    std::memcpy(&lo, &v, BYTES / 2);
+    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + BYTES / 2, BYTES / 2);
+    return reduce_tree<E, BYTES / 2>(op(lo, hi), op);
+  }
+}
+
+struct AddOp {
+  template <typename X>
+  DDF_INLINE X operator()(X a, X b) const { return a + b; }
+};
+
+struct MaxOp {  // NaN lanes lose (as in a > b ? a : b)
+  template <typename X>
+  DDF_INLINE X operator()(X a, X b) const { return a > b ? a : b; }
+};
+
+template <typename T>
+DDF_INLINE double hsum_wide(typename Lanes<T>::wide v) {
+  return reduce_tree<double, int(sizeof(v))>(v, AddOp());
+}
+
+template <typename T>
+DDF_INLINE typename Lanes<T>::wide widen(typename Lanes<T>::vec v) {
+  return __builtin_convertvector(v, typename Lanes<T>::wide);
+}
+
+template <typename T>
+DDF_INLINE T hmax(typename Lanes<T>::vec v) {
+  return reduce_tree<T, int(sizeof(v))>(v, MaxOp());
+}
+
+template <typename T>
+DDF_INLINE int64_t hsum_int(typename Lanes<T>::mask v) {
+  const typename Lanes<T>::wide_mask w = __builtin_convertvector(v, typename Lanes<T>::wide_mask);
+  return reduce_tree<int64_t, int(sizeof(w))>(w, AddOp());
+}
+
+// ------------------------------------------------------------------ exp, log1p
+//
+// vexp: Cody-Waite range reduction x = n ln2 + r, |r| <= ln2/2, a polynomial
+// for exp(r), and 2^n built in the exponent bits. Round-to-nearest n comes from
+// the "add 1.5 * 2^mant" trick, which also leaves n in the low bits, so there is
+// no float->int conversion. Inputs below LO give exactly 0 (the true value is
+// < 2^-125 (fp32) / 2^-1021 (fp64)); NaN propagates; inputs are clamped above
+// at HI (the kernels only call it with x <= 0).
+//
+// ACCURACY, measured by tests/test_cpp_relaxed_argmax.py on every ISA copy
+// against x87 long-double references (2M points each): exp on [LO, 0] is
+// within 0.99 ulp (fp32) / 0.98 ulp (fp64); log1p on [0, 1], subnormal
+// arguments included, within 1.9 ulp (fp32) / 2.1 ulp (fp64). The tests assert
+// 1.5 and 2.5 ulp.
+
+DDF_INLINE Lanes<float>::vec exp_poly(Lanes<float>::vec r) {
+  // Cephes expf minimax polynomial on [-ln2/2, ln2/2].
+  Lanes<float>::vec p = splat<Lanes<float>::vec>(1.9875691500E-4f);
+  p = p * r + 1.3981999507E-3f;
+  p = p * r + 8.3334519073E-3f;
+  p = p * r + 4.1665795894E-2f;
+  p = p * r + 1.6666665459E-1f;
+  p = p * r + 5.0000001201E-1f;
+  return (p * (r * r) + r) + 1.0f;
+}
+
+DDF_INLINE Lanes<double>::vec exp_poly(Lanes<double>::vec r) {
+  // Taylor series to r^13/13!: truncation < 0.35^14/14! = 4e-18 relative.
+  Lanes<double>::vec p = splat<Lanes<double>::vec>(1.0 / 6227020800.0);
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  return (p * (r * r) + r) + 1.0;
+}
+
+template <typename T>
+struct ExpConst;
+template <>
+struct ExpConst<float> {
+  static constexpr float LO = -87.0f, HI = 88.0f;
+  static constexpr float LOG2E = 1.44269504088896341f, MAGIC = 12582912.0f;  // 1.5 * 2^23
+  static constexpr float LN2_HI = 0.693359375f, LN2_LO = -2.12194440e-4f;
+  static constexpr uint32_t BIAS = 127, MANT = 23;
+};
+template <>
+struct ExpConst<double> {
+  static constexpr double LO = -708.0, HI = 709.0;
+  static constexpr double LOG2E = 1.4426950408889634074, MAGIC = 6755399441055744.0;  // 1.5 * 2^52
+  static constexpr double LN2_HI = 6.93145751953125E-1, LN2_LO = 1.42860682030941723212E-6;
+  static constexpr uint64_t BIAS = 1023, MANT = 52;
+};
+
+template <typename T>
+DDF_INLINE typename Lanes<T>::vec vexp(typename Lanes<T>::vec x) {
+  typedef typename Lanes<T>::vec vec;
+  typedef typename Lanes<T>::bits bits;
+  typedef ExpConst<T> C;
+  const vec lo = splat<vec>(C::LO), hi = splat<vec>(C::HI), magic = splat<vec>(C::MAGIC);
+  vec xc = x < lo ? lo : x;  // NaN stays NaN
+  xc = xc > hi ? hi : xc;
+  const vec t = xc * C::LOG2E + magic;  // round(x log2 e) in the low mantissa bits
+  const vec n = t - magic;
+  vec r = xc - n * C::LN2_HI;
+  r = r - n * C::LN2_LO;
+  const vec p = exp_poly(r);
+  const bits k = (bits)t - (bits)magic;  // n as an integer (two's complement)
+  const vec scale = (vec)((k + C::BIAS) << C::MANT);
+  const vec y = p * scale;
+  return x < lo ? vec{} : y;
+}
+
+// log1p(e) for e in [0, 1], relative accuracy for tiny e. With k = [e > sqrt2 - 1]:
+//   log1p(e) = k ln2 + 2 atanh(s),  s = e/(2 + e) (k = 0) or (e - 1)/(e + 3) (k = 1),
+// so |s| <= 3 - 2 sqrt2 = 0.1716 and s^2 <= 0.0295; the odd series of atanh
+// converges by that factor per term.
+DDF_INLINE Lanes<float>::vec atanh_series(Lanes<float>::vec s2) {
+  // terms to s^9/9: truncation s^10/11 < 2e-9 relative.
+  Lanes<float>::vec q = splat<Lanes<float>::vec>(1.0f / 9.0f);
+  q = q * s2 + 1.0f / 7.0f;
+  q = q * s2 + 1.0f / 5.0f;
+  q = q * s2 + 1.0f / 3.0f;
+  return q;
+}
+
+DDF_INLINE Lanes<double>::vec atanh_series(Lanes<double>::vec s2) {
+  // terms to s^21/21: truncation s^22/23 < 7e-19 relative.
+  Lanes<double>::vec q = splat<Lanes<double>::vec>(1.0 / 21.0);
+  q = q * s2 + 1.0 / 19.0;
+  q = q * s2 + 1.0 / 17.0;
+  q = q * s2 + 1.0 / 15.0;
+  q = q * s2 + 1.0 / 13.0;
+  q = q * s2 + 1.0 / 11.0;
+  q = q * s2 + 1.0 / 9.0;
+  q = q * s2 + 1.0 / 7.0;
+  q = q * s2 + 1.0 / 5.0;
+  q = q * s2 + 1.0 / 3.0;
+  return q;
+}
+
+template <typename T>
+DDF_INLINE typename Lanes<T>::vec vlog1p_unit(typename Lanes<T>::vec e) {
+  typedef typename Lanes<T>::vec vec;
+  typedef typename Lanes<T>::mask mask;
+  const mask big = e > splat<vec>(T(0.41421356237309504880));
+  const vec num = big ? e - T(1) : e;
+  const vec den = big ? e + T(3) : e + T(2);
+  const vec s = num / den;
+  const vec s2 = s * s;
+  const vec two_s = s + s;
+  const vec r = two_s + (two_s * s2) * atanh_series(s2);
+  return big ? r + T(0.69314718055994530942) : r;
+}
+
+// Row-independent constants, in fp64 (cast to T where a hot loop uses them).
+struct Consts {
+  double inv_tau, c, scale, aw, nw;
+  bool write_nll;  // need_nll: otherwise nll_rows are 0 even if the lse was computed
+};
+
+// --------------------------------------------------------------- logit mode
+
+template <typename T, bool GRAD, bool NLL>
+struct LogitAcc {
+  typedef Lanes<T> L;
+  typedef typename L::vec vec;
+  typedef typename L::mask mask;
+  typedef typename L::wide wide;
+
+  vec lt, inv_tau, c, a_sig;
+  vec sp_lane{}, sig_lane{};
+  wide sp_acc{}, sig_acc{};
+  mask not_below{};  // counts s with !(l_t > l_s) (the target itself included)
+  vec row_max;       // logsumexp = max + log(sum exp(l - max)), the sum as above
+  vec s_lane{};
+  wide s_acc{};
+
+  DDF_INLINE LogitAcc(T lt_, T row_max_, const Consts& k)
+      : lt(splat<vec>(lt_)),
+        inv_tau(splat<vec>(T(k.inv_tau))),
+        c(splat<vec>(T(k.c))),
+        a_sig(splat<vec>(T(k.scale * k.aw * k.inv_tau))),
+        row_max(splat<vec>(row_max_)) {}
+
+  // One W-lane chunk. keep: lanes that enter the sums (not the target, not
+  // padding); valid: lanes that are real logits (only differs on the tail).
+  template <bool TAIL>
+  DDF_INLINE void step(vec l, mask keep, mask valid, T* grad_out) {
+    const vec z = (l - lt) * inv_tau + c;
+    const vec e = vexp<T>(-vabs<T>(z));
+    const vec sp = (z > vec{} ? z : vec{}) + vlog1p_unit<T>(e);
+    const vec r = T(1) / (T(1) + e);
+    const vec sig = z >= vec{} ? r : e * r;
+    sp_lane += keep ? sp : vec{};
+    sig_lane += keep ? sig : vec{};
+    const mask nb = ~(lt > l);
+    not_below -= TAIL ? (nb & valid) : nb;
+    if (GRAD) store(grad_out, sig * a_sig);
+    if (NLL) {
+      const vec u = vexp<T>(l - row_max);
+      s_lane += TAIL ? (valid ? u : vec{}) : u;
+    }
+  }
+
+  DDF_INLINE void flush() {
+    sp_acc += widen<T>(sp_lane);
+    sig_acc += widen<T>(sig_lane);
+    sp_lane = vec{};
+    sig_lane = vec{};
+    if (NLL) {
+      s_acc += widen<T>(s_lane);
+      s_lane = vec{};
+    }
+  }
+};
+
+template <typename T, bool GRAD, bool NLL, bool NLLGRAD>
+DDF_INLINE void logit_row(const T* row, T* grad_row, int64_t V, int64_t t, const Consts& k,
+                          T* loss_out, T* nll_out, uint8_t* correct_out) {
+  typedef Lanes<T> L;
+  typedef typename L::vec vec;
+  typedef typename L::mask mask;
+  constexpr int W = L::W;
+  const T lt = row[t];
+  const mask lane = iota<T>();
+  const mask all = splat<mask>(-1);
+  const int64_t nfull = V / W;
+  const int rem = int(V % W);
+  // nll: the row max first (a cheap pass; the main loop then sums exp(l - max)
+  // in fp32 lanes flushed to fp64, like the other sums)
+  T row_max = 0;
+  if (NLL) {
+    vec m_lane = splat<vec>(-std::numeric_limits<T>::infinity());
+    for (int64_t ci = 0; ci < nfull; ++ci) {
+      const vec l = load<vec>(row + ci * W);
+      m_lane = l > m_lane ? l : m_lane;
+    }
+    row_max = hmax<T>(m_lane);
+    for (int64_t i = nfull * W; i < V; ++i) row_max = row[i] > row_max ? row[i] : row_max;
+  }
+  // +-inf max: shift by 0 (those sums are unused: logsumexp is the max then)
+  LogitAcc<T, GRAD, NLL> acc(lt, std::isfinite(row_max) ? row_max : T(0), k);
+
+  for (int64_t b = 0; b < nfull; b += FLUSH_CHUNKS) {
+    const int64_t bend = std::min(nfull, b + FLUSH_CHUNKS);
+    for (int64_t ci = b; ci < bend; ++ci) {
+      const int64_t base = ci * W;
+      acc.template step<false>(load<vec>(row + base), lane != target_lane<T>(t - base), all,
+                               grad_row + base);
+    }
+    acc.flush();
+  }
+  if (rem) {
+    const int64_t base = nfull * W;
+    T buf[W], gbuf[W];
+    for (int j = 0; j < W; ++j) buf[j] = lt;  // finite padding, masked out
+    std::memcpy(buf, row + base, sizeof(T) * rem);
+    const mask valid = lanes_below<T>(rem);
+    acc.template step<true>(load<vec>(buf), valid & (lane != target_lane<T>(t - base)), valid, gbuf);
+    acc.flush();
+    if (GRAD) std::memcpy(grad_row + base, gbuf, sizeof(T) * rem);
+  }
+
+  double lse = 0;
+  if (NLL) {
+    lse = std::isfinite(row_max) ? double(row_max) + std::log(hsum_wide<T>(acc.s_acc)) : double(row_max);
+  }
+  if (NLLGRAD) {
+    // second pass (row in cache): grad += scale * nw * softmax
+    const vec knll = splat<vec>(T(k.scale * k.nw));
+    const vec lse_v = splat<vec>(T(lse));
+    for (int64_t ci = 0; ci < nfull; ++ci) {
+      const int64_t base = ci * W;
+      store(grad_row + base,
+            load<vec>(grad_row + base) + knll * vexp<T>(load<vec>(row + base) - lse_v));
+    }
+    if (rem) {
+      const int64_t base = nfull * W;
+      T buf[W], gbuf[W];
+      for (int j = 0; j < W; ++j) buf[j] = gbuf[j] = 0;
+      std::memcpy(buf, row + base, sizeof(T) * rem);
+      std::memcpy(gbuf, grad_row + base, sizeof(T) * rem);
+      store(gbuf, load<vec>(gbuf) + knll * vexp<T>(load<vec>(buf) - lse_v));
+      std::memcpy(grad_row + base, gbuf, sizeof(T) * rem);
+    }
+  }
+  if (GRAD) {
+    double gt = -(k.scale * k.aw * k.inv_tau) * hsum_wide<T>(acc.sig_acc);
+    // softmax_t - 1 = expm1(l_t - lse), accurate also when softmax_t ~ 1
+    if (NLLGRAD) gt += k.scale * k.nw * std::expm1(double(lt) - lse);
+    grad_row[t] = T(gt);
+  }
+  *loss_out = T(hsum_wide<T>(acc.sp_acc));
+  *nll_out = NLL && k.write_nll ? T(lse - double(lt)) : T(0);
+  *correct_out = hsum_int<T>(acc.not_below) == 1;
+}
+
+// ---------------------------------------------------------------- prob mode
+
+// scratch: 2 * Vpad elements (Vpad = V rounded up to W): the softmax, then
+// sigmoid(z) (only with GRAD).
+template <typename T, bool GRAD, bool NLL, bool NLLGRAD>
+DDF_INLINE void prob_row(const T* row, T* grad_row, int64_t V, int64_t t, const Consts& k,
+                         T* scratch, T* loss_out, T* nll_out, uint8_t* correct_out) {
+  typedef Lanes<T> L;
+  typedef typename L::vec vec;
+  typedef typename L::mask mask;
+  typedef typename L::wide wide;
+  constexpr int W = L::W;
+  const T lt = row[t];
+  const mask lane = iota<T>();
+  const int64_t nfull = V / W;
+  const int rem = int(V % W);
+  const int64_t nchunks = nfull + (rem ? 1 : 0);
+  const int64_t vpad = nchunks * W;
+  T* prob = scratch;
+  T* sigs = scratch + vpad;
+
+  // pass 1: max (for the softmax) and the strict-max count. The tail chunk is
+  // staged in the scratch, padded with -inf, which neither raises the max nor
+  // adds to the softmax sum.
+  if (rem) {
+    for (int j = 0; j < W; ++j) prob[nfull * W + j] = -std::numeric_limits<T>::infinity();
+    std::memcpy(prob + nfull * W, row + nfull * W, sizeof(T) * rem);
+  }
+  const vec ltv = splat<vec>(lt);
+  vec m_lane = splat<vec>(-std::numeric_limits<T>::infinity());
+  mask not_below{};
+  for (int64_t ci = 0; ci < nchunks; ++ci) {
+    const vec l = ci < nfull ? load<vec>(row + ci * W) : load<vec>(prob + ci * W);
+    m_lane = l > m_lane ? l : m_lane;
+    mask nb = ~(ltv > l);
+    if (ci == nfull) nb &= lanes_below<T>(rem);
+    not_below -= nb;
+  }
+  const T m = hmax<T>(m_lane);
+
+  // pass 2: u = exp(l - m) into the scratch, S = sum u
+  const vec mv = splat<vec>(m);
+  vec s_lane{};
+  wide s_acc{};
+  for (int64_t b = 0; b < nchunks; b += FLUSH_CHUNKS) {
+    const int64_t bend = std::min(nchunks, b + FLUSH_CHUNKS);
+    for (int64_t ci = b; ci < bend; ++ci) {
+      const vec l = ci < nfull ? load<vec>(row + ci * W) : load<vec>(prob + ci * W);
+      const vec u = vexp<T>(l - mv);
+      store(prob + ci * W, u);
+      s_lane += u;
+    }
+    s_acc += widen<T>(s_lane);
+    s_lane = vec{};
+  }
+  const double s_sum = hsum_wide<T>(s_acc);
+  const double u_t = double(prob[t]);
+  const T inv_s = T(1.0 / s_sum);
+  const T pt = prob[t] * inv_s;  // the same rounding as the lanes below
+  const vec inv_s_v = splat<vec>(inv_s), ptv = splat<vec>(pt);
+
+  // pass 3: p, z, and the sums of softplus, sigmoid and p * sigmoid
+  const vec inv_tau = splat<vec>(T(k.inv_tau)), c = splat<vec>(T(k.c));
+  vec sp_lane{}, g_lane{}, pg_lane{};
+  wide sp_acc{}, g_acc{}, pg_acc{};
+  for (int64_t b = 0; b < nchunks; b += FLUSH_CHUNKS) {
+    const int64_t bend = std::min(nchunks, b + FLUSH_CHUNKS);
+    for (int64_t ci = b; ci < bend; ++ci) {
+      const int64_t base = ci * W;
+      const vec p = load<vec>(prob + base) * inv_s_v;
+      if (GRAD) store(prob + base, p);
+      const vec z = (p - ptv) * inv_tau + c;
+      const vec e = vexp<T>(-vabs<T>(z));
+      const vec sp = (z > vec{} ? z : vec{}) + vlog1p_unit<T>(e);
+      const vec r = T(1) / (T(1) + e);
+      const vec sig = z >= vec{} ? r : e * r;
+      mask keep = lane != target_lane<T>(t - base);
+      if (ci == nfull) keep &= lanes_below<T>(rem);
+      sp_lane += keep ? sp : vec{};
+      g_lane += keep ? sig : vec{};
+      pg_lane += keep ? p * sig : vec{};
+      if (GRAD) store(sigs + base, sig);
+    }
+    sp_acc += widen<T>(sp_lane);
+    g_acc += widen<T>(g_lane);
+    pg_acc += widen<T>(pg_lane);
+    sp_lane = g_lane = pg_lane = vec{};
+  }
+
+  if (GRAD) {
+    // pass 4: grad_s = scale (aw p_s (g_s - dot) + nw p_s), g_s = sig_s / tau
+    const double g_t = -k.inv_tau * hsum_wide<T>(g_acc);
+    const double dot = k.inv_tau * hsum_wide<T>(pg_acc) + double(pt) * g_t;
+    const double nw = NLLGRAD ? k.nw : 0.0;
+    const vec a1 = splat<vec>(T(k.scale * k.aw * k.inv_tau));
+    const vec a0 = splat<vec>(T(k.scale * (k.aw * dot - nw)));
+    for (int64_t ci = 0; ci < nfull; ++ci) {
+      const int64_t base = ci * W;
+      store(grad_row + base, load<vec>(prob + base) * (load<vec>(sigs + base) * a1 - a0));
+    }
+    if (rem) {
+      const int64_t base = nfull * W;
+      T gbuf[W];
+      store(gbuf, load<vec>(prob + base) * (load<vec>(sigs + base) * a1 - a0));
+      std::memcpy(grad_row + base, gbuf, sizeof(T) * rem);
+    }
+    // p_t - 1 = -(S - u_t)/S, without the cancellation of 1 - p_t
+    const double pt_minus_one = -(s_sum - u_t) / s_sum;
+    grad_row[t] = T(k.scale * (k.aw * double(pt) * (g_t - dot) + nw * pt_minus_one));
+  }
+  *loss_out = T(hsum_wide<T>(sp_acc));
+  *nll_out = NLL && k.write_nll ? T(double(m) + std::log(s_sum) - double(lt)) : T(0);
+  *correct_out = hsum_int<T>(not_below) == 1;
+}
+
+template <typename T, bool PROB, bool GRAD, bool NLL, bool NLLGRAD>
+DDF_INLINE void rows_impl(const Call& a, int64_t lo, int64_t hi, int thread) {
+  const T* logits = reinterpret_cast<const T*>(a.logits);
+  const int64_t* target = reinterpret_cast<const int64_t*>(a.target);
+  T* loss = reinterpret_cast<T*>(a.loss_out);
+  T* nll = reinterpret_cast<T*>(a.nll_out);
+  uint8_t* correct = reinterpret_cast<uint8_t*>(a.correct_out);
+  T* grad = reinterpret_cast<T*>(a.grad_out);
+  T* scratch = reinterpret_cast<T*>(a.scratch) + int64_t(thread) * a.scratch_stride;
+  const int64_t V = a.V;
+  Consts k;
+  k.inv_tau = 1.0 / a.tau;
+  k.c = std::log1p(-a.tau) - std::log(a.tau);
+  k.scale = GRAD ? double(*reinterpret_cast<const float*>(a.grad_scale)) : 0.0;
+  k.aw = a.aw;
+  k.nw = a.nw;
+  k.write_nll = a.nll;
+  for (int64_t n = lo; n < hi; ++n) {
+    const T* row = logits + n * a.row_stride;
+    T* grad_row = GRAD ? grad + n * V : nullptr;
+    const int64_t t = target[n];
+    if (t == a.ignore_index || (V == 1 && t == 0)) {
+      // ignored row, or V == 1: the target is trivially the unique max
+      loss[n] = 0;
+      nll[n] = 0;
+      correct[n] = 1;
+      if (GRAD) std::memset(grad_row, 0, sizeof(T) * V);
+      continue;
+    }
+    if (t < 0 || t >= V) {
+      // callers reject these before the kernel; never read out of bounds
+      loss[n] = nll[n] = std::numeric_limits<T>::quiet_NaN();
+      correct[n] = 0;
+      if (GRAD) std::fill(grad_row, grad_row + V, std::numeric_limits<T>::quiet_NaN());
+      continue;
+    }
+    if (PROB)
+      prob_row<T, GRAD, NLL, NLLGRAD>(row, grad_row, V, t, k, scratch, loss + n, nll + n, correct + n);
+    else
+      logit_row<T, GRAD, NLL, NLLGRAD>(row, grad_row, V, t, k, loss + n, nll + n, correct + n);
+  }
+}
+
+template <typename T, bool PROB>
+DDF_INLINE void rows_flags(const Call& a, int64_t lo, int64_t hi, int thread) {
+  if (a.nll_grad)
+    rows_impl<T, PROB, true, true, true>(a, lo, hi, thread);
+  else if (a.grad && a.nll)
+    rows_impl<T, PROB, true, true, false>(a, lo, hi, thread);
+  else if (a.grad)
+    rows_impl<T, PROB, true, false, false>(a, lo, hi, thread);
+  else if (a.nll)
+    rows_impl<T, PROB, false, true, false>(a, lo, hi, thread);
+  else
+    rows_impl<T, PROB, false, false, false>(a, lo, hi, thread);
+}
+
+DDF_INLINE void rows_dispatch(const Call& a, int64_t lo, int64_t hi, int thread) {
+  if (a.is_double) {
+    if (a.prob) rows_flags<double, true>(a, lo, hi, thread);
+    else rows_flags<double, false>(a, lo, hi, thread);
+  } else {
+    if (a.prob) rows_flags<float, true>(a, lo, hi, thread);
+    else rows_flags<float, false>(a, lo, hi, thread);
+  }
+}
+
+// Elementwise exp / log1p over a buffer, for the accuracy tests.
+template <typename T>
+DDF_INLINE void math_impl(int op, uintptr_t in, uintptr_t out, int64_t n) {
+  typedef typename Lanes<T>::vec vec;
+  constexpr int W = Lanes<T>::W;
+  const T* x = reinterpret_cast<const T*>(in);
+  T* y = reinterpret_cast<T*>(out);
+  for (int64_t i = 0; i < n; i += W) {
+    T buf[W];
+    const int64_t m = std::min<int64_t>(W, n - i);
+    for (int j = 0; j < W; ++j) buf[j] = 0;
+    std::memcpy(buf, x + i, sizeof(T) * m);
+    const vec v = load<vec>(buf);
+    store(buf, op == 0 ? vexp<T>(v) : vlog1p_unit<T>(v));
+    std::memcpy(y + i, buf, sizeof(T) * m);
+  }
+}
+
+DDF_INLINE void math_dispatch(int op, bool is_double, uintptr_t in, uintptr_t out, int64_t n) {
+  if (is_double) math_impl<double>(op, in, out, n);
+  else math_impl<float>(op, in, out, n);
+}
+
+// Entry points of this instruction set's copy.
+void rows(const Call& a, int64_t lo, int64_t hi, int thread) { rows_dispatch(a, lo, hi, thread); }
+
+void math(int op, bool is_double, uintptr_t in, uintptr_t out, int64_t n) {
+  math_dispatch(op, is_double, in, out, n);
+}
+
+#endif  // DDF_KERNEL_BODY
