@@ -1,0 +1,358 @@
+"""The DD-VAE sequence model: a GRU encoder and a GRU decoder (Section 4.1).
+
+The encoder reads ``tokens + eos`` (packed, so padding never reaches the GRU
+state) and maps the final hidden states of all layers to the proposal's
+location mu and log-scale log sigma. With a uniform prior, (mu, sigma) go
+through Eq. 9-10 so that the proposal's support lies inside [-1, 1]^d.
+
+The decoder is conditioned on z twice: z sets the initial hidden state of
+every layer (through a linear map), and z is concatenated to the token
+embedding at every step. It reads ``bos + tokens`` and predicts
+``tokens + eos``; being causal, positions past a string's end do not affect
+the positions before it, so padded targets are simply ignored by the loss.
+
+mode='argmax' trains the deterministic decoder with the relaxed arg-max loss
+(Eq. 13); mode='sample' is the standard VAE with a cross-entropy decoder.
+Decoding is always greedy and deterministic (Eq. 3): a tie for the maximal
+logit is the undefined token and makes the string invalid (None).
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+import ddvae_fast as ddf
+
+from .data import SPECIAL_TOKENS, SequenceBatch, Vocabulary, encode_strings
+from .decoding import UNDEFINED_TOKEN, deterministic_argmax
+
+PRIORS = ("gaussian", "uniform")
+MODES = ("argmax", "sample")
+_FORMAT = "ddvae_fast.SequenceDDVAE/1"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    embedding_dim: int = 8
+    hidden_size: int = 128
+    num_layers: int = 2
+    latent_dim: int = 2
+    prior: str = "uniform"
+    proposal: str = "tricube"
+    mode: str = "argmax"
+    max_length: int = 100  # tokens per string, eos not counted
+    # Initial bias of the encoder's log-sigma outputs. log(1/2) starts every
+    # proposal at the width the authors' sigmoid form of Eq. 9-10 has at
+    # initialisation (it halves the encoder's outputs); with log sigma ~ 0 the
+    # uniform-prior proposals start overlapping over ~3/4 of the square and a
+    # short run often fails to separate them.
+    initial_log_sigma: float = -0.6931471805599453
+    score: str = "logit"  # what the relaxed arg max compares: 'logit' or 'prob'
+    backend: str = "auto"  # backend of the decoder loss
+
+    def __post_init__(self):
+        for name in ("embedding_dim", "hidden_size", "num_layers", "latent_dim", "max_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
+        if self.proposal not in ddf.PROPOSALS:
+            raise ValueError(f"proposal must be one of {ddf.PROPOSALS}, got {self.proposal!r}")
+        if self.prior == "uniform" and self.proposal not in ddf.KERNELS:
+            raise ValueError(
+                f"a uniform prior needs a bounded proposal (one of {ddf.KERNELS}); "
+                f"{self.proposal!r} has unbounded support"
+            )
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not isinstance(self.initial_log_sigma, (int, float)) or not math.isfinite(self.initial_log_sigma):
+            raise ValueError(f"initial_log_sigma must be a finite number, got {self.initial_log_sigma!r}")
+        if self.score not in ("logit", "prob"):
+            raise ValueError(f"score must be 'logit' or 'prob', got {self.score!r}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model settings {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+class LossTerms(NamedTuple):
+    """One training step's objective and statistics (all but ``loss`` detached)."""
+
+    loss: torch.Tensor
+    reconstruction: torch.Tensor  # the weighted decoder loss, token mean
+    kl: torch.Tensor  # KL(q(z|x) || p(z)), summed over latent dims, batch mean
+    token_accuracy: torch.Tensor
+    sequence_accuracy: torch.Tensor
+
+
+def atomic_torch_save(obj, path) -> None:
+    """torch.save to a temporary file beside ``path``, then rename over it.
+
+    A crash mid-write leaves the previous file intact instead of a truncated one.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+class SequenceDDVAE(nn.Module):
+    def __init__(self, vocabulary: Vocabulary, config: ModelConfig | None = None, **overrides):
+        super().__init__()
+        if not isinstance(vocabulary, Vocabulary):
+            raise TypeError(f"vocabulary must be a Vocabulary, got {type(vocabulary).__name__}")
+        if config is None:
+            config = ModelConfig(**overrides)
+        elif overrides:
+            config = ModelConfig(**{**asdict(config), **overrides})
+        self.config = config
+        self.vocabulary = vocabulary
+        c = config
+        v = len(vocabulary)
+        self.encoder_embedding = nn.Embedding(v, c.embedding_dim, padding_idx=vocabulary.pad)
+        self.encoder_rnn = nn.GRU(c.embedding_dim, c.hidden_size, c.num_layers, batch_first=True)
+        self.encoder_to_latent = nn.Linear(c.num_layers * c.hidden_size, 2 * c.latent_dim)
+        with torch.no_grad():
+            self.encoder_to_latent.bias[c.latent_dim:].fill_(c.initial_log_sigma)
+        self.latent_to_hidden = nn.Linear(c.latent_dim, c.num_layers * c.hidden_size)
+        self.decoder_embedding = nn.Embedding(v, c.embedding_dim, padding_idx=vocabulary.pad)
+        self.decoder_rnn = nn.GRU(
+            c.embedding_dim + c.latent_dim, c.hidden_size, c.num_layers, batch_first=True
+        )
+        self.decoder_to_logits = nn.Linear(c.hidden_size, v)
+
+    # -- parameter groups (the fine-tuning stage trains the decoder only) ----
+
+    def encoder_modules(self) -> nn.ModuleList:
+        return nn.ModuleList([self.encoder_embedding, self.encoder_rnn, self.encoder_to_latent])
+
+    def decoder_modules(self) -> nn.ModuleList:
+        return nn.ModuleList(
+            [self.latent_to_hidden, self.decoder_embedding, self.decoder_rnn, self.decoder_to_logits]
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder_to_logits.weight.device
+
+    # -- encoder -------------------------------------------------------------
+
+    def encode_batch(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, sigma) of q(z|x) for a batch, after the prior's transform."""
+        tokens, lengths = batch.tokens, batch.lengths
+        emb = self.encoder_embedding(tokens)
+        if tokens.shape[0] and bool((lengths == tokens.shape[1]).all()):
+            _, h = self.encoder_rnn(emb)  # no padding: skip the packing overhead
+        else:
+            packed = nn.utils.rnn.pack_padded_sequence(
+                emb, lengths.cpu(), batch_first=True, enforce_sorted=False
+            )
+            _, h = self.encoder_rnn(packed)
+        h = h.transpose(0, 1).reshape(tokens.shape[0], -1)
+        mu, log_sigma = self.encoder_to_latent(h).chunk(2, dim=-1)
+        sigma = log_sigma.exp()
+        if self.config.prior == "uniform":
+            mu, sigma = ddf.uniform_prior_transform(mu, sigma)
+        return mu, sigma
+
+    def encode(self, strings: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(mu, sigma), each (len(strings), latent_dim), of q(z|x) for each string."""
+        batch = encode_strings(strings, self.vocabulary, self.config.max_length)
+        return self.encode_batch(batch.to(self.device))
+
+    # -- decoder -------------------------------------------------------------
+
+    def _initial_state(self, z: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        h = self.latent_to_hidden(z).view(z.shape[0], c.num_layers, c.hidden_size)
+        return h.transpose(0, 1).contiguous()
+
+    def _decoder_step_inputs(self, tokens: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        emb = self.decoder_embedding(tokens)
+        return torch.cat([emb, z.unsqueeze(1).expand(-1, tokens.shape[1], -1)], dim=-1)
+
+    def decoder_logits(self, z: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
+        """Teacher-forced logits (B, T, V): position i predicts batch.tokens[:, i]."""
+        tokens = batch.tokens
+        bos = torch.full_like(tokens[:, :1], self.vocabulary.bos)
+        inputs = torch.cat([bos, tokens[:, :-1]], dim=1)
+        out, _ = self.decoder_rnn(self._decoder_step_inputs(inputs, z), self._initial_state(z))
+        return self.decoder_to_logits(out)
+
+    def targets(self, batch: SequenceBatch, ignore_index: int = -100) -> torch.Tensor:
+        return batch.tokens.masked_fill(batch.tokens == self.vocabulary.pad, ignore_index)
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor, max_length: int | None = None, chunk_size: int = 16384) -> list[str | None]:
+        """Greedy deterministic decoding of each row of ``z`` (Eq. 3).
+
+        A string ends at eos. It is invalid (None) if some step's maximal logit
+        is not unique (the undefined token), if a step picks a special token
+        other than eos, or if no eos comes within ``max_length`` tokens.
+        """
+        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+            raise TypeError("z must be a floating-point tensor")
+        if z.dim() != 2 or z.shape[1] != self.config.latent_dim:
+            raise ValueError(
+                f"z must have shape (n, {self.config.latent_dim}), got {tuple(z.shape)}"
+            )
+        if not torch.isfinite(z).all():
+            raise ValueError("z contains NaN or infinity")
+        max_length = self.config.max_length if max_length is None else max_length
+        z = z.to(self.device, self.decoder_to_logits.weight.dtype)
+        out: list[str | None] = []
+        for start in range(0, z.shape[0], chunk_size):
+            out.extend(self._decode_chunk(z[start : start + chunk_size], max_length))
+        return out
+
+    def _decode_chunk(self, z: torch.Tensor, max_length: int) -> list[str | None]:
+        vocab = self.vocabulary
+        n = z.shape[0]
+        h = self._initial_state(z)
+        token = torch.full((n, 1), vocab.bos, dtype=torch.long, device=z.device)
+        steps = []
+        finished = torch.zeros(n, dtype=torch.bool, device=z.device)
+        valid = torch.ones(n, dtype=torch.bool, device=z.device)
+        n_special = len(SPECIAL_TOKENS)  # ids 0..3: pad, bos, eos, unk
+        for _ in range(max_length + 1):
+            out, h = self.decoder_rnn(self._decoder_step_inputs(token, z), h)
+            index = deterministic_argmax(self.decoder_to_logits(out[:, 0]))
+            is_eos = index == vocab.eos
+            bad = (index == UNDEFINED_TOKEN) | ((index < n_special) & ~is_eos)
+            valid &= finished | ~bad
+            finished |= is_eos | bad
+            steps.append(torch.where(finished, torch.full_like(index, -1), index))
+            if bool(finished.all()):
+                break
+            token = index.clamp(min=0).unsqueeze(1)
+        valid &= finished  # no eos within max_length tokens
+        ids = torch.stack(steps, dim=1).cpu().tolist()
+        itos = vocab.itos
+        return [
+            "".join(itos[i] for i in row if i >= 0) if ok else None
+            for row, ok in zip(ids, valid.cpu().tolist())
+        ]
+
+    # -- prior ---------------------------------------------------------------
+
+    def sample_prior(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n latent codes from p(z): N(0, I) or U[-1, 1]^d."""
+        shape = (n, self.config.latent_dim)
+        if self.config.prior == "gaussian":
+            z = torch.randn(shape, generator=generator)
+        else:
+            z = torch.rand(shape, generator=generator) * 2 - 1
+        return z.to(self.device)
+
+    def sample(self, n: int, seed: int | None = None) -> list[str | None]:
+        """Decode n latent codes drawn from the prior (seeded if ``seed`` is given)."""
+        if not isinstance(n, int) or n < 0:
+            raise ValueError(f"n must be a non-negative int, got {n!r}")
+        generator = None if seed is None else torch.Generator().manual_seed(seed)
+        return self.decode(self.sample_prior(n, generator))
+
+    # -- objective -----------------------------------------------------------
+
+    def kl(self, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """KL(q(z|x) || p(z)) per row (summed over latent dims, Eq. 8)."""
+        return ddf.kl_divergence(self.config.proposal, mu, sigma, prior=self.config.prior).sum(-1)
+
+    def loss_terms(
+        self,
+        batch: SequenceBatch,
+        sampler,
+        *,
+        tau: float,
+        beta: float,
+        nll_weight: float = 0.0,
+    ) -> LossTerms:
+        """-ELBO estimate with one z ~ q(z|x) per string (Eq. 13 or Eq. 2).
+
+        mode='argmax': relaxed arg-max loss at temperature tau, plus
+        ``nll_weight`` times the cross-entropy (the pretraining blend).
+        mode='sample': cross-entropy only (tau unused).
+        """
+        mu, sigma = self.encode_batch(batch)
+        z = sampler.rsample(mu, sigma)
+        logits = self.decoder_logits(z, batch)
+        if self.config.mode == "argmax":
+            weights = {"argmax_weight": 1.0, "nll_weight": float(nll_weight)}
+        else:
+            weights = {"argmax_weight": 0.0, "nll_weight": 1.0}
+        rec = ddf.decoder_loss(
+            logits, self.targets(batch), tau, score=self.config.score,
+            backend=self.config.backend, **weights,
+        )
+        kl = self.kl(mu, sigma).mean()
+        loss = rec.loss + beta * kl if beta else rec.loss
+        return LossTerms(
+            loss, rec.loss.detach(), kl.detach(), rec.token_accuracy, rec.sequence_accuracy
+        )
+
+    def reconstruction_terms(self, batch: SequenceBatch, sampler) -> LossTerms:
+        """Eq. 24 with the encoder fixed: cross-entropy of x at z ~ q(z|x).
+
+        The encoder runs without autograd, so only decoder parameters get
+        gradients: the fine-tuning stage of Section 2.3 (Eq. 21).
+        """
+        with torch.no_grad():
+            mu, sigma = self.encode_batch(batch)
+            z = sampler.rsample(mu, sigma)
+        logits = self.decoder_logits(z, batch)
+        rec = ddf.decoder_loss(
+            logits, self.targets(batch), 0.5, argmax_weight=0.0, nll_weight=1.0,
+            score=self.config.score, backend=self.config.backend,
+        )
+        zero = rec.loss.new_zeros(())
+        return LossTerms(rec.loss, rec.loss.detach(), zero, rec.token_accuracy, rec.sequence_accuracy)
+
+    # -- persistence ---------------------------------------------------------
+
+    def to_state(self) -> dict:
+        return {
+            "format": _FORMAT,
+            "config": asdict(self.config),
+            "vocabulary": self.vocabulary.to_dict(),
+            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
+        }
+
+    @classmethod
+    def from_state(cls, state: dict, map_location="cpu") -> "SequenceDDVAE":
+        if not isinstance(state, dict) or state.get("format") != _FORMAT:
+            raise ValueError(f"not a saved SequenceDDVAE (expected format {_FORMAT!r})")
+        model = cls(Vocabulary.from_dict(state["vocabulary"]), ModelConfig.from_dict(state["config"]))
+        model.load_state_dict(state["state_dict"])
+        return model.to(map_location)
+
+    def save(self, path) -> None:
+        """Write weights, config and vocabulary to ``path`` (atomically)."""
+        atomic_torch_save(self.to_state(), path)
+
+    @classmethod
+    def load(cls, path, map_location="cpu") -> "SequenceDDVAE":
+        """A model saved by :meth:`save`, or the model inside a training checkpoint."""
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and state.get("format") != _FORMAT:
+            state = state["model"]
+        return cls.from_state(state, map_location)

@@ -1,0 +1,488 @@
+"""Training recipe of Appendix B: configs, schedules, fine-tuning, exact resume.
+
+One epoch index runs over the whole schedule: epochs [0, pretrain_epochs)
+pretrain (beta = 0, optionally cross-entropy blended into the arg-max loss),
+epochs [pretrain_epochs, epochs) train the full objective with beta growing
+linearly and tau annealed log-linearly, and epochs [epochs, epochs +
+finetune_epochs) fine-tune the decoder with the encoder frozen (Section 2.3,
+Eq. 21/24: cross-entropy of x at z ~ q(z|x)). The learning rate is
+``lr * lr_gamma ** (epoch // lr_step_epochs)``, and fine-tuning restarts that
+step schedule from ``finetune_lr``; gradients are clamped by value. Every schedule is a function of the epoch index, and the data order of
+an epoch is a function of (seed, epoch), so a run resumed from a checkpoint
+(model, optimizers, sampler and RNG states, history) retraces the
+uninterrupted run exactly.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import random
+import tempfile
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+import ddvae_fast as ddf
+
+from .data import EncodedStrings, Vocabulary, check_tokenizer, load_strings
+from .models import ModelConfig, SequenceDDVAE, atomic_torch_save
+from .schedules import LinearSchedule, LogLinearSchedule
+from .synthetic import sample_bernoulli_strings
+
+CHECKPOINT_NAME = "checkpoint.pt"
+METRICS_CSV_NAME = "metrics.csv"
+_CHECKPOINT_FORMAT = "ddvae_fast.TrainingCheckpoint/1"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+
+
+# ---------------------------------------------------------------------------
+# Configuration
+
+
+def _from_dict(cls, values: dict, section: str):
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown [{section}] settings {sorted(unknown)}; known: {sorted(known)}")
+    return cls(**values)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "synthetic"  # 'synthetic' or the path of a .txt/.smi/.csv(.gz) file
+    # synthetic bit strings (Section 4.1)
+    n_samples: int = 100_000
+    length: int = 6
+    p_one: float = 0.8
+    data_seed: int = 0  # fixed: the data set does not change with the training seed
+    # files
+    column: str | None = None  # CSV column (default: the first)
+    csv_header: bool = True  # whether a CSV file's first row names its columns
+    tokenizer: str = "char"  # 'char' or 'smiles'
+    max_length: int | None = None  # tokens per string; default: the longest string's
+
+    def __post_init__(self):
+        check_tokenizer(self.tokenizer)
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length must be positive, got {self.max_length}")
+
+    @property
+    def is_synthetic(self) -> bool:
+        return self.source == "synthetic"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 100  # main training epochs, pretraining included
+    batch_size: int = 512
+    lr: float = 5e-3
+    lr_step_epochs: int = 20
+    lr_gamma: float = 0.5
+    clip_grad_value: float | None = 2.0
+    pretrain_epochs: int = 2
+    pretrain_nll_weight: float = 0.0
+    beta_start: float = 0.0
+    beta_end: float = 1.0
+    tau_start: float = 0.1
+    tau_end: float = 1e-2
+    finetune_epochs: int = 10
+    finetune_lr: float | None = None  # default: the learning rate of the last main epoch
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("epochs", "batch_size", "lr_step_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("pretrain_epochs", "finetune_epochs"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+        if not self.lr > 0 or not 0 < self.lr_gamma <= 1:
+            raise ValueError(f"need lr > 0 and 0 < lr_gamma <= 1, got {self.lr}, {self.lr_gamma}")
+        if self.finetune_lr is not None and not self.finetune_lr > 0:
+            raise ValueError(f"finetune_lr must be > 0, got {self.finetune_lr}")
+        if self.clip_grad_value is not None and not self.clip_grad_value > 0:
+            raise ValueError(f"clip_grad_value must be > 0 or absent, got {self.clip_grad_value}")
+        for name in ("tau_start", "tau_end"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"{name} must lie in (0, 1), got {getattr(self, name)}")
+        if self.beta_start < 0 or self.beta_end < 0 or self.pretrain_nll_weight < 0:
+            raise ValueError("beta_start, beta_end and pretrain_nll_weight must be >= 0")
+
+    @property
+    def total_epochs(self) -> int:
+        return self.epochs + self.finetune_epochs
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Train settings that depend on the model's choices (Appendix B.1: the
+    # uniform proposal uses beta_end 0.1, tricube tau_end 1e-2, ...): a list of
+    # {"when": {model setting: value}, "set": {train setting: value}}, applied
+    # in order by resolve().
+    rules: tuple = ()
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "data": asdict(self.data),
+            "model": asdict(self.model),
+            "train": asdict(self.train),
+            "rules": [dict(r) for r in self.rules],
+        }
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "ExperimentConfig":
+        known = {"name", "data", "model", "train", "rules"}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown config sections {sorted(unknown)}; known: {sorted(known)}")
+        rules = tuple(values.get("rules", ()))
+        for rule in rules:
+            if set(rule) != {"when", "set"}:
+                raise ValueError(f"each rule needs exactly 'when' and 'set' tables, got {sorted(rule)}")
+            _check_keys(rule["when"], ModelConfig, "rules.when")
+            _check_keys(rule["set"], TrainConfig, "rules.set")
+        return cls(
+            name=str(values.get("name", "experiment")),
+            data=_from_dict(DataConfig, values.get("data", {}), "data"),
+            model=ModelConfig.from_dict(values.get("model", {})),
+            train=_from_dict(TrainConfig, values.get("train", {}), "train"),
+            rules=rules,
+        )
+
+    def with_overrides(self, *, data=None, model=None, train=None) -> "ExperimentConfig":
+        """A copy with some settings replaced (``None`` values are ignored)."""
+        def clean(d):
+            return {k: v for k, v in (d or {}).items() if v is not None}
+
+        return replace(
+            self,
+            data=replace(self.data, **clean(data)),
+            model=replace(self.model, **clean(model)),
+            train=replace(self.train, **clean(train)),
+        )
+
+    def resolve(self) -> "ExperimentConfig":
+        """Apply the rules whose ``when`` matches the model settings."""
+        train = self.train
+        for rule in self.rules:
+            if all(getattr(self.model, k) == v for k, v in rule["when"].items()):
+                train = replace(train, **rule["set"])
+        return replace(self, train=train)
+
+
+def _check_keys(values: dict, cls, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"unknown settings {sorted(unknown)} in {where}; known: {sorted(known)}")
+
+
+def load_config(path) -> ExperimentConfig:
+    """An ExperimentConfig from a TOML file (see ddvae_fast/configs/)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
+    with open(path, "rb") as handle:
+        try:
+            values = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    return ExperimentConfig.from_dict(values)
+
+
+def builtin_config(name: str) -> Path:
+    """Path of a config shipped with the package (e.g. 'synthetic', 'synthetic_paper')."""
+    path = CONFIG_DIR / f"{name}.toml"
+    if not path.is_file():
+        available = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+        raise ValueError(f"no built-in config {name!r}; available: {available}")
+    return path
+
+
+def load_training_strings(data: DataConfig) -> list[str]:
+    if data.is_synthetic:
+        return sample_bernoulli_strings(data.n_samples, data.length, data.p_one, data.data_seed)
+    return load_strings(data.source, column=data.column, header=data.csv_header)
+
+
+# ---------------------------------------------------------------------------
+# Helpers
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+
+
+_CSV_FIELDS = (
+    "epoch", "stage", "lr", "beta", "tau", "loss", "reconstruction", "kl",
+    "token_accuracy", "sequence_accuracy", "seconds",
+)
+
+
+# ---------------------------------------------------------------------------
+# Trainer
+
+
+class Trainer:
+    """Trains a SequenceDDVAE by the recipe of an ExperimentConfig into ``out_dir``.
+
+    Writes ``checkpoint.pt`` (after every epoch, atomically) and
+    ``metrics.csv`` (one row per epoch). ``Trainer.resume(out_dir)`` continues
+    from the checkpoint.
+    """
+
+    def __init__(
+        self,
+        config: ExperimentConfig,
+        out_dir,
+        *,
+        device="cpu",
+        progress: bool = True,
+        log_epochs: bool = False,
+        strings: list[str] | None = None,
+        _vocabulary: Vocabulary | None = None,
+    ):
+        self.config = config
+        self.log_epochs = log_epochs
+        self.out_dir = Path(out_dir)
+        self.device = torch.device(device)
+        self.progress = progress
+        tc = config.train
+        self.strings = load_training_strings(config.data) if strings is None else load_strings(strings)
+        vocabulary = _vocabulary or Vocabulary.build(self.strings, config.data.tokenizer)
+        data = EncodedStrings(self.strings, vocabulary, config.data.max_length)
+        max_length = config.data.max_length or int(data.lengths.max()) - 1
+        if config.model.max_length != max_length:
+            config = replace(config, model=replace(config.model, max_length=max_length))
+            self.config = config
+        self.data = data.to(self.device)
+
+        # The global RNGs seed the weights; they are checkpointed too.
+        torch.manual_seed(tc.seed)
+        np.random.seed(tc.seed % 2**32)
+        random.seed(tc.seed)
+        self.model = SequenceDDVAE(vocabulary, config.model).to(self.device)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr)
+        self.finetune_optimizer: torch.optim.Optimizer | None = None
+        self.sampler = ddf.RejectionSampler(
+            config.model.proposal, device=self.device, seed=tc.seed, backend=config.model.backend
+        )
+        self.epoch = 0  # epochs completed
+        self.history: list[dict] = []
+        self.beta_schedule = LinearSchedule(
+            tc.beta_start, tc.beta_end,
+            duration=max(tc.epochs - 1 - tc.pretrain_epochs, 0), begin=tc.pretrain_epochs,
+        )
+        self.tau_schedule = LogLinearSchedule(tc.tau_start, tc.tau_end, duration=max(tc.epochs - 1, 0))
+
+    # -- schedules -----------------------------------------------------------
+
+    def stage(self, epoch: int) -> str:
+        tc = self.config.train
+        if epoch >= tc.epochs:
+            return "finetune"
+        return "pretrain" if epoch < tc.pretrain_epochs else "train"
+
+    def beta(self, epoch: int) -> float:
+        """KL weight: 0 while pretraining and fine-tuning (Eq. 24 has no KL term)."""
+        if self.stage(epoch) != "train":
+            return 0.0
+        return self.beta_schedule(epoch)
+
+    def tau(self, epoch: int) -> float:
+        return self.tau_schedule(min(epoch, self.config.train.epochs - 1))
+
+    def lr(self, epoch: int) -> float:
+        """lr * lr_gamma^(epoch // lr_step_epochs) while training; fine-tuning
+        restarts the same step schedule from finetune_lr (default: the last
+        training rate)."""
+        tc = self.config.train
+        if epoch < tc.epochs:
+            return tc.lr * tc.lr_gamma ** (epoch // tc.lr_step_epochs)
+        start = self.lr(tc.epochs - 1) if tc.finetune_lr is None else tc.finetune_lr
+        return start * tc.lr_gamma ** ((epoch - tc.epochs) // tc.lr_step_epochs)
+
+    # -- training ------------------------------------------------------------
+
+    def _optimizer_for(self, epoch: int) -> torch.optim.Optimizer:
+        if self.stage(epoch) != "finetune":
+            return self.optimizer
+        if self.finetune_optimizer is None:
+            # Only decoder parameters: the encoder is fixed (Eq. 21).
+            self.finetune_optimizer = torch.optim.Adam(
+                self.model.decoder_modules().parameters(), lr=self.lr(epoch)
+            )
+        return self.finetune_optimizer
+
+    def train_epoch(self, epoch: int) -> dict:
+        tc = self.config.train
+        stage = self.stage(epoch)
+        beta, tau, lr = self.beta(epoch), self.tau(epoch), self.lr(epoch)
+        optimizer = self._optimizer_for(epoch)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        nll_weight = tc.pretrain_nll_weight if stage == "pretrain" else 0.0
+        self.model.train()
+        sums = torch.zeros(5, dtype=torch.float64, device=self.device)
+        count = 0
+        start = time.perf_counter()
+        n_batches = math.ceil(len(self.data) / tc.batch_size)
+        bar = tqdm(
+            self.data.batches(tc.batch_size, tc.seed, epoch), total=n_batches,
+            desc=f"epoch {epoch + 1}/{tc.total_epochs} {stage}", disable=not self.progress,
+            dynamic_ncols=True, mininterval=0.5,
+        )
+        for i, batch in enumerate(bar):
+            if stage == "finetune":
+                terms = self.model.reconstruction_terms(batch, self.sampler)
+            else:
+                terms = self.model.loss_terms(batch, self.sampler, tau=tau, beta=beta, nll_weight=nll_weight)
+            optimizer.zero_grad(set_to_none=True)
+            terms.loss.backward()
+            if tc.clip_grad_value is not None:
+                torch.nn.utils.clip_grad_value_(params, tc.clip_grad_value)
+            optimizer.step()
+            n = len(batch)
+            sums += n * torch.stack([t.detach().double() for t in terms])
+            count += n
+            if self.progress and (i % 20 == 0 or i == n_batches - 1):
+                bar.set_postfix(
+                    loss=f"{terms.loss.item():.4f}", acc=f"{terms.sequence_accuracy.item():.3f}",
+                    beta=f"{beta:.3g}", tau=f"{tau:.3g}", refresh=False,
+                )
+        means = (sums / max(count, 1)).tolist()
+        return {
+            "epoch": epoch + 1, "stage": stage, "lr": lr, "beta": beta,
+            "tau": tau,
+            "loss": means[0], "reconstruction": means[1], "kl": means[2],
+            "token_accuracy": means[3], "sequence_accuracy": means[4],
+            "seconds": time.perf_counter() - start,
+        }
+
+    def fit(self, stop_after: int | None = None) -> list[dict]:
+        """Train until all epochs are done (or until ``stop_after`` epochs are
+        completed, counting from the start of the run), checkpointing each epoch."""
+        total = self.config.train.total_epochs
+        end = total if stop_after is None else min(stop_after, total)
+        for epoch in range(self.epoch, end):
+            row = self.train_epoch(epoch)
+            self.history.append(row)
+            self.epoch = epoch + 1
+            self.write_metrics_csv()
+            self.save_checkpoint()
+            if self.log_epochs:
+                tqdm.write(
+                    f"epoch {row['epoch']:>3} {row['stage']:<8} loss {row['loss']:.4f} "
+                    f"kl {row['kl']:.3f} seq acc {row['sequence_accuracy']:.4f} "
+                    f"beta {row['beta']:.3g} tau {row['tau']:.3g} lr {row['lr']:.3g} "
+                    f"({row['seconds']:.1f}s)"
+                )
+        return self.history
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.config.train.total_epochs
+
+    # -- persistence ---------------------------------------------------------
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT_NAME
+
+    def write_metrics_csv(self) -> None:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=_CSV_FIELDS)
+        writer.writeheader()
+        for row in self.history:
+            writer.writerow(row)
+        write_text_atomic(self.out_dir / METRICS_CSV_NAME, buffer.getvalue())
+
+    def state_dict(self) -> dict:
+        return {
+            "format": _CHECKPOINT_FORMAT,
+            "config": self.config.to_dict(),
+            "epoch": self.epoch,
+            "model": self.model.to_state(),
+            "optimizer": self.optimizer.state_dict(),
+            "finetune_optimizer": (
+                None if self.finetune_optimizer is None else self.finetune_optimizer.state_dict()
+            ),
+            "sampler": self.sampler.state_dict(),
+            "rng": _rng_state(),
+            "history": list(self.history),
+        }
+
+    def save_checkpoint(self) -> None:
+        atomic_torch_save(self.state_dict(), self.checkpoint_path)
+
+    @classmethod
+    def resume(
+        cls, out_dir, *, device="cpu", progress: bool = True, log_epochs: bool = False,
+        strings: list[str] | None = None,
+    ) -> "Trainer":
+        """The trainer saved in ``out_dir/checkpoint.pt``, ready to continue."""
+        path = Path(out_dir) / CHECKPOINT_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no checkpoint to resume at {str(path)!r}")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
+            raise ValueError(f"{str(path)!r} is not a training checkpoint of ddvae_fast")
+        config = ExperimentConfig.from_dict(state["config"])
+        vocabulary = Vocabulary.from_dict(state["model"]["vocabulary"])
+        trainer = cls(
+            config, out_dir, device=device, progress=progress, log_epochs=log_epochs,
+            strings=strings, _vocabulary=vocabulary,
+        )
+        trainer.model.load_state_dict(state["model"]["state_dict"])
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.epoch = int(state["epoch"])
+        if state["finetune_optimizer"] is not None:
+            trainer._optimizer_for(config.train.epochs).load_state_dict(state["finetune_optimizer"])
+        trainer.sampler.load_state_dict(state["sampler"])
+        _set_rng_state(state["rng"])
+        trainer.history = list(state["history"])
+        return trainer

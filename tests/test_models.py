@@ -1,0 +1,263 @@
+"""SequenceDDVAE: encoder/decoder shapes, deterministic decoding with ties,
+the training objective against an independent computation, save/load."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ddvae_fast as ddf
+from ddvae_fast.data import Vocabulary, encode_strings
+from ddvae_fast.models import ModelConfig, SequenceDDVAE
+
+STRINGS = ["0110", "1", "", "111111", "010"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # These models are tiny: a second OpenMP thread gains little, and on a busy
+    # machine threads spin-waiting for each other made them ~10x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    cfg = dict(embedding_dim=4, hidden_size=16, num_layers=2, latent_dim=2, max_length=6, backend="reference")
+    cfg.update(kw)
+    return SequenceDDVAE(Vocabulary.build(["01"], "char"), **cfg)
+
+
+class _MeanSampler:
+    """Stands in for the rejection sampler: z = mu, so a loss can be recomputed."""
+
+    def rsample(self, mu, sigma):
+        return mu
+
+
+@pytest.mark.parametrize("prior,proposal", [("uniform", "tricube"), ("uniform", "uniform"),
+                                            ("gaussian", "gaussian"), ("gaussian", "triweight")])
+def test_encode_shapes_and_support(prior, proposal):
+    model = _model(prior=prior, proposal=proposal)
+    with torch.no_grad():
+        # Large encoder outputs push the uniform transform to its edges.
+        model.encoder_to_latent.bias.fill_(3.0)
+        mu, sigma = model.encode(STRINGS)
+    assert mu.shape == sigma.shape == (len(STRINGS), 2)
+    assert (sigma > 0).all()
+    if prior == "uniform":
+        assert ((mu - sigma) >= -1).all() and ((mu + sigma) <= 1).all()
+        kl = model.kl(mu, sigma)
+        assert torch.isfinite(kl).all()
+
+
+def test_initial_log_sigma_sets_the_starting_proposal_width():
+    model = _model(prior="gaussian", proposal="gaussian", initial_log_sigma=-1.5)
+    assert torch.equal(model.encoder_to_latent.bias[2:], torch.full((2,), -1.5))
+    with torch.no_grad():
+        model.encoder_to_latent.weight.zero_()
+        _, sigma = model.encode(STRINGS)
+    torch.testing.assert_close(sigma, torch.full_like(sigma, math.exp(-1.5)))
+
+
+def test_encoder_ignores_padding():
+    # A string's code must not depend on what it is batched with (packing).
+    model = _model()
+    with torch.no_grad():
+        mu_alone, sigma_alone = model.encode(["1"])
+        mu_batch, sigma_batch = model.encode(["1", "111111"])
+    torch.testing.assert_close(mu_alone[0], mu_batch[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sigma_alone[0], sigma_batch[0], rtol=1e-6, atol=1e-6)
+
+
+def _set_constant_logits(model, bias):
+    with torch.no_grad():
+        model.decoder_to_logits.weight.zero_()
+        model.decoder_to_logits.bias.copy_(torch.tensor(bias, dtype=torch.float32))
+
+
+def test_decode_tie_is_invalid():
+    model = _model()
+    vocab = model.vocabulary
+    bias = [0.0] * len(vocab)
+    bias[vocab.stoi["0"]] = 2.0
+    bias[vocab.stoi["1"]] = 2.0  # two tokens share the maximal logit: undefined
+    _set_constant_logits(model, bias)
+    z = torch.randn(5, 2)
+    logits = model.decoder_to_logits(torch.zeros(1, model.config.hidden_size))
+    assert ddf.deterministic_argmax(logits).item() == -1
+    assert model.decode(z) == [None] * 5
+
+
+def test_decode_tie_after_a_valid_prefix_is_invalid():
+    # A hand-set one-layer decoder whose hidden unit 0 is on exactly when the
+    # previous token is bos: step 1 then picks '1', and step 2 ties '0' with '1'.
+    model = _model(num_layers=1)
+    vocab = model.vocabulary
+    h = model.config.hidden_size
+    with torch.no_grad():
+        for p in model.decoder_rnn.parameters():
+            p.zero_()
+        model.latent_to_hidden.weight.zero_()
+        model.latent_to_hidden.bias.zero_()
+        emb = model.decoder_embedding.weight
+        emb.zero_()
+        emb[vocab.bos, 0] = 1.0
+        # GRU: h' = (1 - u) n + u h. Update gate u = sigmoid(-30) ~ 1e-13 makes
+        # h' = n = tanh(10 * x_0): unit 0 is ~1 after bos and 0 after any other token.
+        model.decoder_rnn.bias_ih_l0[h : 2 * h] = -30.0
+        model.decoder_rnn.weight_ih_l0[2 * h + 0, 0] = 10.0
+        model.decoder_to_logits.weight.zero_()
+        model.decoder_to_logits.weight[vocab.stoi["1"], 0] = 1.0
+        bias = torch.zeros(len(vocab))
+        bias[vocab.stoi["0"]] = 1.0
+        bias[vocab.stoi["1"]] = 1.0
+        model.decoder_to_logits.bias.copy_(bias)
+    assert model.decode(torch.zeros(3, 2)) == [None] * 3
+    with torch.no_grad():
+        model.decoder_to_logits.bias[vocab.eos] = 1.5  # below '1' at step 1, the max at step 2
+    assert model.decode(torch.zeros(3, 2)) == ["1"] * 3
+
+
+def test_decode_special_tokens_and_missing_eos():
+    model = _model()
+    vocab = model.vocabulary
+    for winner, expected in [(vocab.eos, ""), (vocab.pad, None), (vocab.bos, None),
+                             (vocab.unk, None), (vocab.stoi["1"], None)]:
+        bias = [0.0] * len(vocab)
+        bias[winner] = 1.0
+        _set_constant_logits(model, bias)
+        # Always '1' never ends: no eos within max_length -> None as well.
+        assert model.decode(torch.zeros(2, 2)) == [expected, expected]
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.floats(0.1, 20.0))
+def test_greedy_decode_matches_teacher_forced_argmax(seed, scale):
+    # Independent check of decode(): feeding a decoded string back with teacher
+    # forcing must give a unique arg max equal to each of its tokens and eos.
+    model = _model(seed=seed % 7)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(32, 2, generator=g) * scale
+    decoded = model.decode(z)
+    vocab = model.vocabulary
+    for i, s in enumerate(decoded):
+        if s is None:
+            continue
+        batch = encode_strings([s], vocab)
+        with torch.no_grad():
+            logits = model.decoder_logits(z[i : i + 1], batch)[0]
+        assert ddf.deterministic_argmax(logits).tolist() == batch.tokens[0].tolist()
+
+
+def test_decode_validates_z():
+    model = _model()
+    with pytest.raises(ValueError, match="shape"):
+        model.decode(torch.zeros(3, 5))
+    with pytest.raises(ValueError, match="NaN"):
+        model.decode(torch.full((1, 2), float("nan")))
+    with pytest.raises(TypeError):
+        model.decode(torch.zeros(1, 2, dtype=torch.long))
+
+
+def _independent_argmax_loss(logits, target, tau):
+    # Eq. 13 on logits: sum_{s != t} -log sigma_tau(l_t - l_s), token mean.
+    mask = target >= 0
+    l = logits[mask].double()
+    t = target[mask]
+    lt = l.gather(1, t[:, None])
+    z = (l - lt) / tau + math.log(1 / tau - 1)
+    per = F.softplus(z)
+    per = per.masked_fill(F.one_hot(t, l.shape[1]).bool(), 0.0)
+    return per.sum() / mask.sum()
+
+
+@pytest.mark.parametrize("mode", ["argmax", "sample"])
+@pytest.mark.parametrize("prior,proposal", [("uniform", "tricube"), ("gaussian", "gaussian")])
+def test_loss_terms_match_independent_computation(mode, prior, proposal):
+    model = _model(mode=mode, prior=prior, proposal=proposal)
+    batch = encode_strings(STRINGS, model.vocabulary)
+    tau, beta = 0.05, 0.3
+    terms = model.loss_terms(batch, _MeanSampler(), tau=tau, beta=beta, nll_weight=0.25)
+    with torch.no_grad():
+        mu, sigma = model.encode_batch(batch)
+        logits = model.decoder_logits(mu, batch)
+    target = model.targets(batch)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).double(), target.reshape(-1))
+    kl = ddf.kl_divergence(proposal, mu.double(), sigma.double(), prior=prior).sum(-1).mean()
+    if mode == "argmax":
+        rec = _independent_argmax_loss(logits, target, tau) + 0.25 * ce
+    else:
+        rec = ce  # the VAE ignores tau and nll_weight
+    # float32 model, float64 check: a few ulps of sums of O(10) terms.
+    torch.testing.assert_close(terms.reconstruction.double(), rec, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(terms.kl.double(), kl, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(terms.loss.double(), rec + beta * kl, rtol=1e-5, atol=1e-5)
+    terms.loss.backward()
+    assert model.encoder_rnn.weight_ih_l0.grad.abs().sum() > 0
+    assert model.decoder_rnn.weight_ih_l0.grad.abs().sum() > 0
+
+
+def test_reconstruction_terms_train_the_decoder_only():
+    model = _model()
+    batch = encode_strings(STRINGS, model.vocabulary)
+    terms = model.reconstruction_terms(batch, _MeanSampler())
+    with torch.no_grad():
+        mu, _ = model.encode_batch(batch)
+        logits = model.decoder_logits(mu, batch)
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), model.targets(batch).reshape(-1))
+    torch.testing.assert_close(terms.loss, ce, rtol=1e-5, atol=1e-6)
+    terms.loss.backward()
+    assert all(p.grad is None for p in model.encoder_modules().parameters())
+    assert all(p.grad is not None for p in model.decoder_modules().parameters())
+
+
+def test_save_load_round_trip(tmp_path):
+    model = _model(prior="gaussian", proposal="cosine", mode="sample")
+    path = tmp_path / "model.pt"
+    model.save(path)
+    loaded = SequenceDDVAE.load(path)
+    assert loaded.config == model.config
+    assert loaded.vocabulary == model.vocabulary
+    for (k, a), (k2, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    with torch.no_grad():
+        mu_a, sigma_a = model.encode(STRINGS)
+        mu_b, sigma_b = loaded.encode(STRINGS)
+    assert torch.equal(mu_a, mu_b) and torch.equal(sigma_a, sigma_b)
+    z = torch.randn(200, 2) * 3
+    assert model.decode(z) == loaded.decode(z)
+    assert model.sample(50, seed=1) == loaded.sample(50, seed=1)
+    assert not list(tmp_path.glob(".tmp-*"))  # the atomic write cleaned up
+    with pytest.raises(ValueError, match="not a saved SequenceDDVAE"):
+        torch.save({"x": 1}, tmp_path / "other.pt")
+        SequenceDDVAE.load(tmp_path / "other.pt")
+
+
+def test_sample_from_prior_is_seeded_and_in_support():
+    model = _model(prior="uniform")
+    z = model.sample_prior(10_000, torch.Generator().manual_seed(0))
+    assert z.abs().max() <= 1 and z.min() < -0.99 and z.max() > 0.99
+    assert model.sample(20, seed=3) == model.sample(20, seed=3)
+    gaussian = _model(prior="gaussian", proposal="gaussian")
+    zg = gaussian.sample_prior(20_000, torch.Generator().manual_seed(0))
+    assert abs(zg.std().item() - 1) < 0.03 and abs(zg.mean().item()) < 0.03
+
+
+def test_config_errors():
+    with pytest.raises(ValueError, match="bounded proposal"):
+        _model(prior="uniform", proposal="gaussian")
+    with pytest.raises(ValueError, match="mode"):
+        _model(mode="greedy")
+    with pytest.raises(ValueError, match="proposal"):
+        _model(proposal="boxcar")
+    with pytest.raises(ValueError, match="hidden_size"):
+        _model(hidden_size=0)
+    with pytest.raises(ValueError, match="unknown model settings"):
+        ModelConfig.from_dict({"hidden": 3})
+    with pytest.raises(TypeError):
+        SequenceDDVAE(["0", "1"])
