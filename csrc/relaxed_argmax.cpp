@@ -1,6 +1,6 @@
 // Fused relaxed arg-max loss, forward + gradient, CPU (the 'cpp' backend).
 //
-// Contract: .agent/LOSS_INTERFACE.md. Per row n, target t, logits row l (length V),
+// Contract: docs/loss_backend_contract.md. Per row n, target t, logits row l (length V),
 // tau in (0, 1), c = log(1/tau - 1):
 //   logit mode: z_s = (l_s - l_t)/tau + c, argmax_row = sum_{s != t} softplus(z_s),
 //               d/dl_s = sigmoid(z_s)/tau (s != t), d/dl_t = -(sum of the others).

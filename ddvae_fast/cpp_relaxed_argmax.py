@@ -1,7 +1,7 @@
 """Host wrapper of the 'cpp' relaxed arg-max backend (csrc/relaxed_argmax.cpp).
 
 ``relaxed_argmax_forward`` implements the backend contract of
-.agent/LOSS_INTERFACE.md on CPU tensors: it checks the contract's
+docs/loss_backend_contract.md on CPU tensors: it checks the contract's
 preconditions (cheap metadata checks only; target values are range-checked by
 the public API, and the kernel writes NaN rows for out-of-range targets rather
 than reading out of bounds), allocates the outputs with torch and hands raw
@@ -102,7 +102,7 @@ def relaxed_argmax_forward(
     *,
     isa: str = "auto",
 ):
-    """Fused relaxed arg-max forward (+ gradient) on CPU; see LOSS_INTERFACE.md.
+    """Fused relaxed arg-max forward (+ gradient) on CPU; see docs/loss_backend_contract.md.
 
     Returns (argmax_rows, nll_rows, correct_rows, grad): rows in float32
     (float64 for float64 logits), correct_rows bool, grad a new contiguous

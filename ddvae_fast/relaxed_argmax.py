@@ -19,7 +19,7 @@ Layers, top to bottom:
   gradients;
 - backends 'cpp' and 'triton' go through one torch.library custom op
   (``ddvae_fast::relaxed_argmax``) around the backend's fused
-  ``relaxed_argmax_forward`` (contract: .agent/LOSS_INTERFACE.md). The kernel
+  ``relaxed_argmax_forward`` (contract: docs/loss_backend_contract.md). The kernel
   returns the loss rows and, in the same pass, the gradient already scaled for
   the reduction; the op's backward only multiplies that saved gradient by the
   upstream gradient, in place, so peak memory stays about one logits tensor.
@@ -292,7 +292,7 @@ def reference_relaxed_argmax_forward(
     need_grad: bool,
     need_nll: bool,
 ):
-    """The backend contract of LOSS_INTERFACE.md, in PyTorch with explicit gradients.
+    """The backend contract of docs/loss_backend_contract.md, in PyTorch with explicit gradients.
 
     Returns (argmax_rows, nll_rows, correct_rows, grad) like the 'cpp' and
     'triton' backends. The gradient is written out (custom-op implementations

@@ -1,6 +1,6 @@
 """Triton backend of the fused relaxed arg-max loss (DD-VAE, Section 2.2, Eq. 11-13).
 
-Contract: .agent/LOSS_INTERFACE.md. Per row n with target t, logits l (length V),
+Contract: docs/loss_backend_contract.md. Per row n with target t, logits l (length V),
 tau in (0, 1) and c = log(1/tau - 1):
 
 - 'logit' mode: z_s = (l_s - l_t)/tau + c, argmax_row = sum_{s != t} softplus(z_s)
@@ -480,7 +480,7 @@ def relaxed_argmax_forward(logits, target, tau, prob_mode, ignore_index,
                            need_grad, need_nll, *, max_block_v: int = MAX_BLOCK_V):
     """Fused relaxed arg-max forward (and gradient) on the triton backend.
 
-    Returns (argmax_rows, nll_rows, correct_rows, grad) as in LOSS_INTERFACE.md:
+    Returns (argmax_rows, nll_rows, correct_rows, grad) as in docs/loss_backend_contract.md:
     argmax_rows and nll_rows float32 (N,), correct_rows bool (N,), grad a new
     contiguous (N, V) tensor in the logits dtype (or shape (0,) when need_grad is
     False). max_block_v (a power of two >= 16) caps the row chunk and the fused

@@ -1,7 +1,7 @@
 """The 'cpp' relaxed arg-max backend (csrc/relaxed_argmax.cpp + ddvae_fast/cpp_relaxed_argmax.py).
 
 Every result is compared with an independent float64 computation written here
-in plain PyTorch (direct formulas of LOSS_INTERFACE.md; the gradient by
+in plain PyTorch (direct formulas of docs/loss_backend_contract.md; the gradient by
 autograd of the float64 loss), for every instruction-set copy of the kernel
 this CPU runs (AVX-512, AVX2, SSE2).
 
