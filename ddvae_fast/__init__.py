@@ -24,6 +24,8 @@ _LAZY = {
     "decoder_loss": "relaxed_argmax",
     "DecoderLoss": "relaxed_argmax",
     "RelaxedArgmaxLoss": "nn",
+    "SequenceDDVAE": "models",
+    "Trainer": "training",
 }
 
 __all__ = [
