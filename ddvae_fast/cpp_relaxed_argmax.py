@@ -10,11 +10,11 @@ GIL and runs OpenMP over rows with ``torch.get_num_threads()`` threads.
 """
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
 
+from ._checks import check_bool, check_finite_real
 from .backends import cpp_module
 
 __all__ = ["relaxed_argmax_forward", "supported_isas"]
@@ -29,21 +29,6 @@ def _module():
 def supported_isas() -> tuple[str, ...]:
     """Instruction sets the compiled kernel can run on this CPU, best first."""
     return tuple(_module().supported_isas())
-
-
-def _check_bool(value, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
-def _check_real(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
 
 
 def _check_inputs(logits, target, tau, ignore_index, grad_scale) -> float:
@@ -78,7 +63,7 @@ def _check_inputs(logits, target, tau, ignore_index, grad_scale) -> float:
             f"grad_scale must be a 0-dim float32 tensor, got {grad_scale.dtype} of shape "
             f"{tuple(grad_scale.shape)}"
         )
-    tau = _check_real(tau, "tau")
+    tau = check_finite_real(tau, "tau")
     if not 0.0 < tau < 1.0:
         raise ValueError(f"tau must lie strictly inside (0, 1), got {tau}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
@@ -111,11 +96,11 @@ def relaxed_argmax_forward(
     set; tests use it to cover every copy of the kernel.
     """
     tau = _check_inputs(logits, target, tau, ignore_index, grad_scale)
-    prob_mode = _check_bool(prob_mode, "prob_mode")
-    need_grad = _check_bool(need_grad, "need_grad")
-    need_nll = _check_bool(need_nll, "need_nll")
-    argmax_weight = _check_real(argmax_weight, "argmax_weight")
-    nll_weight = _check_real(nll_weight, "nll_weight")
+    prob_mode = check_bool(prob_mode, "prob_mode")
+    need_grad = check_bool(need_grad, "need_grad")
+    need_nll = check_bool(need_nll, "need_nll")
+    argmax_weight = check_finite_real(argmax_weight, "argmax_weight")
+    nll_weight = check_finite_real(nll_weight, "nll_weight")
     module = _module()
     logits = logits.resolve_neg()  # a lazy negation view (rare) is materialised; else a no-op
 

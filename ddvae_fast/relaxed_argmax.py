@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import check_finite_real, check_int
 from .backends import resolve_backend
 
 __all__ = [
@@ -116,19 +117,8 @@ def _check_choice(value, name: str, allowed: tuple[str, ...]) -> str:
     return value
 
 
-def _check_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    return value
-
-
-def _check_weight(value, name: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    return value
+_check_int = check_int
+_check_weight = check_finite_real
 
 
 def _check_logits_target(logits, target) -> None:

@@ -62,6 +62,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ddvae_fast._checks import check_bool
 from ddvae_fast.backends import triton_interpreted
 
 # Largest row chunk (a power of two), and the largest V for the fused
@@ -407,12 +408,6 @@ def _check_float(name: str, value, *, positive_open_unit: bool = False) -> float
     return value
 
 
-def _check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__}")
-    return value
-
-
 def _validate_inputs(logits, target, grad_scale) -> None:
     """The contract's preconditions that can be checked without a host sync.
     (Target values are range-checked by the caller; the kernel stays in bounds
@@ -491,9 +486,9 @@ def relaxed_argmax_forward(logits, target, tau, prob_mode, ignore_index,
     tau = _check_float("tau", tau, positive_open_unit=True)
     argmax_weight = _check_float("argmax_weight", argmax_weight)
     nll_weight = _check_float("nll_weight", nll_weight)
-    prob_mode = _check_bool("prob_mode", prob_mode)
-    need_grad = _check_bool("need_grad", need_grad)
-    need_nll = _check_bool("need_nll", need_nll)
+    prob_mode = check_bool(prob_mode, "prob_mode")
+    need_grad = check_bool(need_grad, "need_grad")
+    need_nll = check_bool(need_nll, "need_nll")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
     if not -2**63 <= ignore_index < 2**63:
