@@ -6,14 +6,8 @@ import torch
 
 from ddvae_fast import cli
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: a second OpenMP thread gains little, and on a busy
-    # machine threads spin-waiting for each other made them ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The models under test are tiny; see one_torch_thread in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 TINY = """

@@ -15,14 +15,8 @@ from ddvae_fast.models import ModelConfig, SequenceDDVAE
 STRINGS = ["0110", "1", "", "111111", "010"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # These models are tiny: a second OpenMP thread gains little, and on a busy
-    # machine threads spin-waiting for each other made them ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# The models under test are tiny; see one_torch_thread in conftest.py.
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _model(seed=0, **kw):
