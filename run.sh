@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set-up and entry point. On a fresh machine with Python 3.11 and a C++ compiler:
 #   ./run.sh train [ddvae-fast train options]   the main job (DD-VAE on the synthetic data)
-#   ./run.sh test  [pytest options]             the test suite (what CI runs)
+#   ./run.sh test  [pytest options]             lint (ruff) and the test suite (what CI runs)
 #   ./run.sh bench [pytest options]             the benchmarks
 # The first call creates .venv and installs the package into it.
 set -euo pipefail
@@ -15,7 +15,8 @@ install() {
     "$VENV/bin/python" -m pip install --quiet --upgrade pip
     # torch first and pinned: an unpinned torch pulls a multi-GB CUDA build.
     "$VENV/bin/python" -m pip install --quiet torch==2.13.0
-    "$VENV/bin/python" -m pip install --quiet -e ".[test]"
+    # The core, the application extra (the main job) and the test tools.
+    "$VENV/bin/python" -m pip install --quiet -e ".[app,test]"
     touch "$STAMP"
 }
 
@@ -28,7 +29,10 @@ cmd=${1:-}
 shift || true
 case "$cmd" in
     train) exec "$VENV/bin/ddvae-fast" train "$@" ;;
-    test) exec "$VENV/bin/python" -m pytest -q tests "$@" ;;
+    test)
+        "$VENV/bin/ruff" check .
+        "$VENV/bin/ruff" format --check .
+        exec "$VENV/bin/python" -m pytest -q tests "$@" ;;
     bench) exec "$VENV/bin/python" -m pytest -q benchmarks --benchmark-only "$@" ;;
     *) echo "usage: ./run.sh train|test|bench [options]" >&2; exit 2 ;;
 esac

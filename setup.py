@@ -4,9 +4,9 @@ Every ``csrc/<name>.cpp`` becomes the extension module ``ddvae_fast._<name>``.
 The C++ code works on raw buffers (pointers, sizes, strides) handed over from
 Python, so it needs pybind11 and a C++ compiler but no torch headers.
 """
+
 import glob
 import os
-import sys
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
@@ -37,24 +37,31 @@ setup(
     version="0.1.0",
     description="Fast kernels and reference math for the Deterministic-Decoder VAE",
     python_requires=">=3.10",
-    packages=["ddvae_fast", "ddvae_fast.kernels"],
+    packages=[
+        "ddvae_fast",
+        "ddvae_fast.distributions",
+        "ddvae_fast.loss",
+        "ddvae_fast.sampling",
+        "ddvae_fast.seqvae",
+        "ddvae_fast.kernels",
+    ],
     # Triton kernels live in the top-level kernels/ folder (the project layout)
     # and are installed as ddvae_fast.kernels.
     package_dir={"ddvae_fast": "ddvae_fast", "ddvae_fast.kernels": "kernels"},
-    package_data={"ddvae_fast": ["configs/*.toml"]},
+    package_data={"ddvae_fast.seqvae": ["configs/*.toml"]},
     ext_modules=_extensions(),
     cmdclass={"build_ext": build_ext},
+    # The core library: torch, numpy and triton only.
     install_requires=[
         # Pinned: an unpinned torch makes pip resolve a multi-GB CUDA build.
         "torch==2.13.0",
         "numpy",
         "triton>=3.3",
-        "tqdm",
-        "matplotlib",
-        "rdkit",
     ],
     extras_require={
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy"],
+        # The application (ddvae_fast.seqvae: model, trainer, CLI, experiments).
+        "app": ["tqdm", "matplotlib", "rdkit"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "scipy", "ruff==0.17.6"],
     },
-    entry_points={"console_scripts": ["ddvae-fast=ddvae_fast.cli:main"]},
+    entry_points={"console_scripts": ["ddvae-fast=ddvae_fast.seqvae.cli:main"]},
 )

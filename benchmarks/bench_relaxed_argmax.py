@@ -29,6 +29,7 @@ set then tracks live memory, and the kernel's high-water mark VmHWM, reset via
 /proc/self/clear_refs right before the measured step, is the step's true peak.
 GPU memory is torch.cuda.max_memory_allocated over the step.
 """
+
 from __future__ import annotations
 
 import gc
@@ -41,7 +42,7 @@ import pytest
 import torch
 
 import ddvae_fast as ddf
-from ddvae_fast.relaxed_argmax import reference_relaxed_argmax_rows
+from ddvae_fast.loss.reference import relaxed_argmax_rows as reference_relaxed_argmax_rows
 
 TAU = 0.1
 NUM_THREADS = 2
@@ -93,7 +94,7 @@ class KernelOnlyLoss:
     """The cpp kernel called directly: loss and gradient from one call, no autograd."""
 
     def __init__(self, score):
-        from ddvae_fast.cpp_relaxed_argmax import relaxed_argmax_forward
+        from ddvae_fast.loss.cpp import forward as relaxed_argmax_forward
 
         self.forward = relaxed_argmax_forward
         self.prob_mode = score == "prob"
@@ -118,7 +119,9 @@ class _Precomputed:
 
 def make_inputs(device, num_rows, num_classes, dtype, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(num_rows, num_classes, generator=gen) * 3.0).to(device=device, dtype=dtype)
+    logits = (torch.randn(num_rows, num_classes, generator=gen) * 3.0).to(
+        device=device, dtype=dtype
+    )
     target = torch.randint(0, num_classes, (num_rows,), generator=gen).to(device)
     return logits.requires_grad_(True), target
 
@@ -169,8 +172,14 @@ def cpu_peak_extra_bytes(backend, score, num_rows, num_classes, dtype) -> dict:
     """Run this file as a script in a fresh process and return its measurement."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(NUM_THREADS))
     cmd = [
-        sys.executable, os.path.abspath(__file__), "--peak-memory", backend, score,
-        str(num_rows), str(num_classes), str(dtype).replace("torch.", ""),
+        sys.executable,
+        os.path.abspath(__file__),
+        "--peak-memory",
+        backend,
+        score,
+        str(num_rows),
+        str(num_classes),
+        str(dtype).replace("torch.", ""),
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     if done.returncode != 0:
@@ -210,10 +219,15 @@ def test_relaxed_argmax_forward_backward(benchmark, cpu_threads, case):
     loss_fn = make_loss(backend, score)
     step(loss_fn, logits, target)  # compile / warm up outside the timed rounds
 
-    benchmark.group = f"{device} {score} {num_rows}x{num_classes} {str(dtype).replace('torch.', '')}"
+    benchmark.group = (
+        f"{device} {score} {num_rows}x{num_classes} {str(dtype).replace('torch.', '')}"
+    )
     benchmark.pedantic(
-        step, args=(loss_fn, logits, target), rounds=_rounds(device, num_rows, num_classes),
-        iterations=1, warmup_rounds=1,
+        step,
+        args=(loss_fn, logits, target),
+        rounds=_rounds(device, num_rows, num_classes),
+        iterations=1,
+        warmup_rounds=1,
     )
 
     if device == "cpu":

@@ -16,6 +16,7 @@ latent codes is (batch, 64)):
 torch.set_num_threads(2): the cpp backend follows torch's thread count.
 extra_info holds samples_per_s (= draws / mean time).
 """
+
 from __future__ import annotations
 
 import json
@@ -26,8 +27,8 @@ import numpy as np
 import pytest
 import torch
 
-from ddvae_fast.sampler import TRANSFORM_KERNELS, RejectionSampler
-from ddvae_fast.smoothing_kernels import PROPOSALS, SMOOTHING_KERNELS
+from ddvae_fast.distributions.smoothing import PROPOSALS, SMOOTHING_KERNELS
+from ddvae_fast.sampling.sampler import TRANSFORM_KERNELS, RejectionSampler
 
 torch.set_num_threads(2)
 
@@ -120,7 +121,9 @@ def test_rejection_sampler(benchmark, name, backend, shape):
 @pytest.mark.parametrize("name", TRANSFORM_KERNELS)
 def test_transform_sampler(benchmark, name, backend, shape):
     benchmark.group = f"sampler {shape}"
-    sampler = RejectionSampler(name, seed=0, backend=backend, device=_device(backend), method="transform")
+    sampler = RejectionSampler(
+        name, seed=0, backend=backend, device=_device(backend), method="transform"
+    )
     _run(benchmark, sampler.sample, shape, _device(backend), slow=backend == "reference")
 
 
@@ -138,8 +141,10 @@ def report(path):
         floor = stat.get(f"test_torch_rand_floor[{sid}]")
         if floor is None:
             continue
-        print(f"\n{sid}: torch.rand median {floor[0] * 1e3:.3f} ms, min {floor[1] * 1e3:.3f} ms"
-              "   (ratios: median / min)")
+        print(
+            f"\n{sid}: torch.rand median {floor[0] * 1e3:.3f} ms, min {floor[1] * 1e3:.3f} ms"
+            "   (ratios: median / min)"
+        )
         for name in PROPOSALS:
             numpy_t = stat.get(f"test_numpy_host_baseline[{name}-{sid}]")
             for backend in BACKENDS:
@@ -147,9 +152,11 @@ def report(path):
                     t = stat.get(f"test_{kind}_sampler[{name}-{backend}-{sid}]")
                     if t is None:
                         continue
-                    line = (f"  {name:13s} {backend:9s} {kind:9s} {t[0] * 1e3:9.3f} ms"
-                            f"  {t[0] / math.prod(shape) * 1e9:6.2f} ns/draw"
-                            f"  time/rand {t[0] / floor[0]:5.2f} / {t[1] / floor[1]:5.2f}")
+                    line = (
+                        f"  {name:13s} {backend:9s} {kind:9s} {t[0] * 1e3:9.3f} ms"
+                        f"  {t[0] / math.prod(shape) * 1e9:6.2f} ns/draw"
+                        f"  time/rand {t[0] / floor[0]:5.2f} / {t[1] / floor[1]:5.2f}"
+                    )
                     if numpy_t is not None:
                         line += f"  numpy/time {numpy_t[0] / t[0]:6.1f} / {numpy_t[1] / t[1]:6.1f}"
                     print(line)

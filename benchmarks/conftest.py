@@ -13,6 +13,7 @@ scheduler tick (a 65536-element `(t != -100).sum()` took 20-24 ms instead of
 parallel region. It must be set before torch (and its OpenMP runtime) is
 imported, hence here; export OMP_WAIT_POLICY to override it.
 """
+
 import os
 
 import pytest

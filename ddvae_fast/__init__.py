@@ -1,31 +1,37 @@
 """ddvae_fast: fast kernels and reference math for the Deterministic-Decoder VAE.
 
 Polykovskiy & Vetrov, "Deterministic Decoding for Discrete Data in Variational
-Autoencoders", AISTATS 2020. Public names are loaded lazily so that
-``import ddvae_fast`` stays cheap (no triton, no compiled module) until used.
+Autoencoders", AISTATS 2020.
+
+The core (this package minus ``seqvae``) needs torch, numpy and triton only.
+Public names are loaded lazily so that ``import ddvae_fast`` stays cheap (no
+triton, no compiled module) until one is used. ``SequenceDDVAE`` and
+``Trainer`` are the application's (``ddvae_fast.seqvae``, the ``app`` extra);
+they are reachable from here for convenience and import the extra on use.
 """
+
 from __future__ import annotations
 
 import importlib
 
 from .backends import available_backends
 from .decoding import UNDEFINED_TOKEN, deterministic_argmax
+from .distributions.smoothing import KERNELS, PROPOSALS, SMOOTHING_KERNELS, get_kernel
 from .schedules import LinearSchedule, LogLinearSchedule
-from .smoothing_kernels import KERNELS, PROPOSALS, SMOOTHING_KERNELS, get_kernel
 
 __version__ = "0.1.0"
 
 _LAZY = {
-    "proposal": "proposals",
-    "kl_divergence": "proposals",
-    "uniform_prior_transform": "proposals",
-    "RejectionSampler": "sampler",
-    "relaxed_argmax_loss": "relaxed_argmax",
-    "decoder_loss": "relaxed_argmax",
-    "DecoderLoss": "relaxed_argmax",
-    "RelaxedArgmaxLoss": "nn",
-    "SequenceDDVAE": "models",
-    "Trainer": "training",
+    "proposal": "distributions.proposals",
+    "kl_divergence": "distributions.kl",
+    "uniform_prior_transform": "distributions.transform",
+    "RejectionSampler": "sampling.sampler",
+    "relaxed_argmax_loss": "loss.api",
+    "decoder_loss": "loss.api",
+    "DecoderLoss": "loss.api",
+    "RelaxedArgmaxLoss": "loss.nn",
+    "SequenceDDVAE": "seqvae.model",
+    "Trainer": "seqvae.trainer",
 }
 
 __all__ = [

@@ -1,22 +1,70 @@
-"""Backend discovery and selection, shared by every op in the library.
+"""The one dispatch point of the library: op -> backend -> implementation.
 
 Backends: 'reference' (plain PyTorch, always there, the oracle), 'cpp' (the
-pybind11 modules built from csrc/, CPU tensors) and 'triton' (kernels/, CUDA
-tensors, or CPU tensors when TRITON_INTERPRET=1).
+pybind11 modules built from csrc/, CPU tensors) and 'triton' (the kernels in
+kernels/, CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
 
-'auto' picks triton for CUDA tensors and cpp for CPU tensors. If the picked
-backend is not available here it raises; nothing falls back silently. Tensors
-on any other device type go to 'reference'.
+Each op's implementations are rows of ``REGISTRY``: adding a backend is one
+module per op plus one row per op here (docs/adding_a_backend.md).
+``available_backends`` and ``resolve_backend`` read nothing else.
+
+'auto' picks triton for CUDA tensors and cpp for CPU tensors. A backend that
+cannot run here raises; nothing falls back silently. Tensors on any other
+device type go to 'reference'.
 """
+
 from __future__ import annotations
 
 import importlib
 import os
-from functools import lru_cache
+from dataclasses import dataclass
+from functools import cache
 
 import torch
 
+__all__ = [
+    "BACKENDS",
+    "REGISTRY",
+    "Implementation",
+    "available_backends",
+    "cpp_module",
+    "implementation",
+    "resolve_backend",
+    "supported_dtypes",
+    "triton_interpreted",
+]
+
 BACKENDS = ("reference", "cpp", "triton")
+
+_ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+@dataclass(frozen=True)
+class Implementation:
+    """Where an op's backend lives (``"module:attribute"``) and what it accepts."""
+
+    target: str
+    dtypes: tuple[torch.dtype, ...] = _ALL_FLOATS
+
+
+REGISTRY: dict[str, dict[str, Implementation]] = {
+    # The fused forward of docs/loss_backend_contract.md.
+    "relaxed_argmax": {
+        "reference": Implementation("ddvae_fast.loss.reference:forward"),
+        "cpp": Implementation("ddvae_fast.loss.cpp:forward", (torch.float32, torch.float64)),
+        "triton": Implementation(
+            "ddvae_fast.loss.triton:forward", (torch.float32, torch.bfloat16, torch.float16)
+        ),
+    },
+    # The draw source of RejectionSampler (docs/sampler_stream_contract.md).
+    "sampler": {
+        "reference": Implementation("ddvae_fast.sampling.reference:ReferenceSource"),
+        "cpp": Implementation("ddvae_fast.sampling.cpp:CppSource"),
+        "triton": Implementation("ddvae_fast.sampling.triton:TritonSource"),
+    },
+}
+
+# The compiled modules the 'cpp' backend needs (csrc/<name>.cpp -> ddvae_fast._<name>).
 _CPP_MODULES = ("relaxed_argmax", "sampler")
 
 
@@ -32,7 +80,7 @@ def cpp_module(name: str):
         ) from exc
 
 
-@lru_cache(maxsize=None)
+@cache
 def _cpp_available() -> bool:
     try:
         for name in _CPP_MODULES:
@@ -46,10 +94,10 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@lru_cache(maxsize=None)
+@cache
 def _triton_importable() -> bool:
     try:
-        import triton  # noqa: F401
+        import triton
         import triton.language  # noqa: F401
     except ImportError:
         return False
@@ -69,8 +117,8 @@ def available_backends() -> tuple[str, ...]:
 def resolve_backend(backend: str, device: torch.device) -> str:
     """Turn a requested backend into the one to run on tensors on ``device``.
 
-    Raises ValueError for an unknown name and RuntimeError when the backend
-    cannot run tensors on this device here.
+    Raises TypeError for a non-string, ValueError for an unknown name and
+    RuntimeError when the backend cannot run tensors on this device here.
     """
     if not isinstance(backend, str):
         raise TypeError(f"backend must be a str, got {type(backend).__name__}")
@@ -78,12 +126,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
     device = torch.device(device)
     if backend == "auto":
-        if device.type == "cuda":
-            backend = "triton"
-        elif device.type == "cpu":
-            backend = "cpp"
-        else:
-            return "reference"
+        backend = {"cuda": "triton", "cpu": "cpp"}.get(device.type, "reference")
     if backend == "reference":
         return backend
     if backend == "cpp":
@@ -93,14 +136,26 @@ def resolve_backend(backend: str, device: torch.device) -> str:
             for name in _CPP_MODULES:
                 cpp_module(name)  # raises with the import error
         return backend
-    # triton
     if not _triton_importable():
         raise RuntimeError("backend 'triton' needs the triton package, which is not installed")
-    if device.type == "cuda":
-        return backend
-    if device.type == "cpu" and triton_interpreted():
+    if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
         return backend
     raise RuntimeError(
-        f"backend 'triton' runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "
+        "backend 'triton' runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1); "
         f"got a tensor on {device}"
     )
+
+
+@cache
+def _load(target: str):
+    module, _, attribute = target.partition(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def implementation(op: str, backend: str):
+    """The implementation of ``op`` on a resolved ``backend`` (imported on first use)."""
+    return _load(REGISTRY[op][backend].target)
+
+
+def supported_dtypes(op: str, backend: str) -> tuple[torch.dtype, ...]:
+    return REGISTRY[op][backend].dtypes

@@ -1,4 +1,5 @@
 """Deterministic decoding (Eq. 3): arg max with ties mapped to an undefined token."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ Each schedule is a small callable of the step (an epoch or an iteration, the
 caller's choice): constant ``start`` before ``begin``, a ramp to ``end`` over
 [begin, begin + duration], then constant ``end``.
 """
+
 from __future__ import annotations
 
 import math

@@ -1,4 +1,6 @@
-"""Triton backend of ddvae_fast.RejectionSampler (DD-VAE, Section 2.1).
+"""Triton kernels of the RejectionSampler stream (DD-VAE, Section 2.1).
+
+Host code: ddvae_fast/sampling/triton.py.
 
 The random stream is the one csrc/sampler.cpp defines (see its header):
 Philox4x32-10 (``tl.randint4x``: key = the 64-bit seed, counter = (block_lo,
@@ -12,10 +14,10 @@ and 'cpp' keep the same candidates (checked bit-for-bit under the interpreter).
 
 Rejection refill (two passes, because a program cannot know how many draws the
 programs before it kept without waiting for them):
-  1. ``_rejection_count_kernel``: each program generates its BLOCK Philox
+  1. ``rejection_count_kernel``: each program generates its BLOCK Philox
      blocks (2 BLOCK candidates), runs the accept test and stores its count.
   2. ``torch.cumsum`` of the counts gives every program its output offset.
-  3. ``_rejection_write_kernel``: each program regenerates the same counters
+  3. ``rejection_write_kernel``: each program regenerates the same counters
      (Philox is cheap next to memory traffic), ranks its accepted candidates
      with ``tl.cumsum`` and writes them at offset + rank: stream positions
      below ``need`` go to ``out``, the rest to the sampler's buffer.
@@ -28,9 +30,9 @@ fixed stream positions and the host needs no count at all.
 All offsets are int64; every load/store is masked; BLOCK is a constexpr power
 of two.
 """
+
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 
@@ -106,7 +108,9 @@ def _shape(u, KERNEL: tl.constexpr):
 
 
 @triton.jit
-def _rejection_candidates(seed, block_offset, n_blocks, pid, KERNEL: tl.constexpr, BLOCK: tl.constexpr):
+def _rejection_candidates(
+    seed, block_offset, n_blocks, pid, KERNEL: tl.constexpr, BLOCK: tl.constexpr
+):
     """The 2 BLOCK candidates of program ``pid`` in candidate order, and which are kept."""
     local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     w0, w1, w2, w3 = tl.randint4x(seed, block_offset + local)
@@ -118,16 +122,26 @@ def _rejection_candidates(seed, block_offset, n_blocks, pid, KERNEL: tl.constexp
 
 
 @triton.jit(do_not_specialize=["seed", "block_offset", "n_blocks"])
-def _rejection_count_kernel(counts_ptr, seed, block_offset, n_blocks, KERNEL: tl.constexpr,
-                            BLOCK: tl.constexpr):
+def rejection_count_kernel(
+    counts_ptr, seed, block_offset, n_blocks, KERNEL: tl.constexpr, BLOCK: tl.constexpr
+):
     pid = tl.program_id(0)
     _, keep = _rejection_candidates(seed, block_offset, n_blocks, pid, KERNEL, BLOCK)
     tl.store(counts_ptr + pid, tl.sum(keep.to(tl.int32), axis=0))
 
 
 @triton.jit(do_not_specialize=["seed", "block_offset", "n_blocks", "need"])
-def _rejection_write_kernel(out_ptr, buffer_ptr, ends_ptr, seed, block_offset, n_blocks, need,
-                            KERNEL: tl.constexpr, BLOCK: tl.constexpr):
+def rejection_write_kernel(
+    out_ptr,
+    buffer_ptr,
+    ends_ptr,
+    seed,
+    block_offset,
+    n_blocks,
+    need,
+    KERNEL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     pid = tl.program_id(0)
     u, keep = _rejection_candidates(seed, block_offset, n_blocks, pid, KERNEL, BLOCK)
     keep_i = keep.to(tl.int32)
@@ -224,8 +238,18 @@ def _box_muller(a, b):
 
 
 @triton.jit(do_not_specialize=["seed", "block_offset", "n_blocks", "need"])
-def _transform_kernel(out_ptr, buffer_ptr, seed, block_offset, n_blocks, need, MODE: tl.constexpr,
-                      KERNEL: tl.constexpr, PER_BLOCK: tl.constexpr, BLOCK: tl.constexpr):
+def transform_kernel(
+    out_ptr,
+    buffer_ptr,
+    seed,
+    block_offset,
+    n_blocks,
+    need,
+    MODE: tl.constexpr,
+    KERNEL: tl.constexpr,
+    PER_BLOCK: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
     """Every draw is kept: draw k of block j sits at stream position PER_BLOCK j + k."""
     pid = tl.program_id(0)
     local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
@@ -246,43 +270,22 @@ def _transform_kernel(out_ptr, buffer_ptr, seed, block_offset, n_blocks, need, M
         draws = tl.where((a3 >= tl.abs(x2)) & (a3 >= tl.abs(x1)), x2, x3)
     else:
         tl.static_assert(KERNEL == "cosine", "no closed-form transform for this kernel")
-        draws = _interleave4(_asin_over_half_pi(_sym(w0)), _asin_over_half_pi(_sym(w1)),
-                             _asin_over_half_pi(_sym(w2)), _asin_over_half_pi(_sym(w3)))
+        draws = _interleave4(
+            _asin_over_half_pi(_sym(w0)),
+            _asin_over_half_pi(_sym(w1)),
+            _asin_over_half_pi(_sym(w2)),
+            _asin_over_half_pi(_sym(w3)),
+        )
     pos = pid.to(tl.int64) * (PER_BLOCK * BLOCK) + tl.arange(0, PER_BLOCK * BLOCK).to(tl.int64)
     valid = pos < n_blocks.to(tl.int64) * PER_BLOCK
     tl.store(out_ptr + pos, draws, mask=valid & (pos < need))
     tl.store(buffer_ptr + (pos - need), draws, mask=valid & (pos >= need))
 
 
-def refill(mode: str, kernel: str, seed: int, block_offset: int, n_blocks: int, per_block: int,
-           out: torch.Tensor, need: int, buffer: torch.Tensor) -> torch.Tensor | int:
-    """Generate ``n_blocks`` Philox blocks from ``block_offset``; place the kept draws.
-
-    Stream positions < ``need`` go to ``out`` (float32, contiguous), the rest to
-    ``buffer`` (float32, at least n_blocks * per_block - need long: checked by
-    the caller). Returns the number kept: a 0-d int64 device tensor for
-    rejection (read it once, on the host), a Python int otherwise.
-    """
-    if mode not in ("rejection", "transform", "gaussian"):
-        raise ValueError(f"unknown mode {mode!r}")
-    if out.dtype != torch.float32 or buffer.dtype != torch.float32:
-        raise TypeError("out and buffer must be float32")
-    if not (out.is_contiguous() and buffer.is_contiguous()) or out.device != buffer.device:
-        raise ValueError("out and buffer must be contiguous and on one device")
-    if out.numel() < need or buffer.numel() < n_blocks * per_block - need:
-        raise ValueError(f"out ({out.numel()}) or buffer ({buffer.numel()}) too small for {need} draws "
-                         f"and a surplus of up to {n_blocks * per_block - need}")
-    if n_blocks <= 0:
-        return 0
-    grid = (triton.cdiv(n_blocks, BLOCK),)
+def draws_per_block(mode: str, kernel: str) -> int:
+    """Candidates (rejection) or draws per Philox block in this stream (as csrc/sampler.cpp)."""
     if mode == "rejection":
-        counts = torch.empty(grid[0], dtype=torch.int32, device=out.device)
-        _rejection_count_kernel[grid](counts, seed, block_offset, n_blocks, KERNEL=kernel, BLOCK=BLOCK,
-                                      enable_fp_fusion=False)
-        ends = torch.cumsum(counts, 0, dtype=torch.int64)
-        _rejection_write_kernel[grid](out, buffer, ends, seed, block_offset, n_blocks, need, KERNEL=kernel,
-                                      BLOCK=BLOCK, enable_fp_fusion=False)
-        return ends[-1]
-    _transform_kernel[grid](out, buffer, seed, block_offset, n_blocks, need, MODE=mode, KERNEL=kernel,
-                            PER_BLOCK=per_block, BLOCK=BLOCK, enable_fp_fusion=False)
-    return n_blocks * per_block
+        return 2
+    if mode == "gaussian":
+        return 4
+    return {"uniform": 4, "triangular": 2, "epanechnikov": 1, "cosine": 4}[kernel]

@@ -53,23 +53,16 @@ Numerics (fp32 throughout, float64-checked in tests/test_triton_relaxed_argmax.p
   1/tau would magnify p's rounding), and the softmax backward avoids
   subtracting near-equal sums (see _prob_grad).
 """
+
 from __future__ import annotations
 
-import contextlib
-import math
-
-import torch
 import triton
 import triton.language as tl
-
-from ddvae_fast._checks import check_bool
-from ddvae_fast.backends import triton_interpreted
 
 # Largest row chunk (a power of two), and the largest V for the fused
 # single-read paths. See the module docstring for why 8192.
 MAX_BLOCK_V = 8192
-_MIN_BLOCK_V = 16
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MIN_BLOCK_V = 16
 
 
 # --------------------------------------------------------------------------- #
@@ -117,8 +110,9 @@ def _softplus_sigmoid(z):
 
 
 @triton.jit
-def _prob_grad(p, sigmoid, complement, p_t, p_other, g_sum, ps_sum, pq_sum, inv_tau,
-               w_argmax, w_nll):
+def _prob_grad(
+    p, sigmoid, complement, p_t, p_other, g_sum, ps_sum, pq_sum, inv_tau, w_argmax, w_nll
+):
     """Gradient of a non-target logit in 'prob' mode: p_s (g_s - A) + nll part.
 
     A = sum_j p_j g_j is close to g_s when every sigmoid is near 1 (small tau,
@@ -161,8 +155,16 @@ def _store_row_outputs(argmax_ptr, nll_ptr, correct_ptr, row, t_ok, loss, nll, c
 
 
 @triton.jit
-def _store_ignored_row(argmax_ptr, nll_ptr, correct_ptr, grad_row, row, V,
-                       BLOCK_V: tl.constexpr, NEED_GRAD: tl.constexpr):
+def _store_ignored_row(
+    argmax_ptr,
+    nll_ptr,
+    correct_ptr,
+    grad_row,
+    row,
+    V,
+    BLOCK_V: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+):
     tl.store(argmax_ptr + row, 0.0)
     tl.store(nll_ptr + row, 0.0)
     tl.store(correct_ptr + row, True)
@@ -178,13 +180,27 @@ def _store_ignored_row(argmax_ptr, nll_ptr, correct_ptr, grad_row, row, V,
 # Kernels: one program per row
 # --------------------------------------------------------------------------- #
 @triton.jit
-def _relaxed_argmax_logit_kernel(
-    logits_ptr, target_ptr, grad_scale_ptr,
-    argmax_ptr, nll_ptr, correct_ptr, grad_ptr,
-    V, stride_row, ignore_index,
-    inv_tau, log_odds, argmax_weight, nll_weight,
-    BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr, NEED_GRAD: tl.constexpr,
-    NEED_NLL: tl.constexpr, NLL_GRAD: tl.constexpr, COMPUTE_LSE: tl.constexpr,
+def relaxed_argmax_logit_kernel(
+    logits_ptr,
+    target_ptr,
+    grad_scale_ptr,
+    argmax_ptr,
+    nll_ptr,
+    correct_ptr,
+    grad_ptr,
+    V,
+    stride_row,
+    ignore_index,
+    inv_tau,
+    log_odds,
+    argmax_weight,
+    nll_weight,
+    BLOCK_V: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
+    NEED_NLL: tl.constexpr,
+    NLL_GRAD: tl.constexpr,
+    COMPUTE_LSE: tl.constexpr,
 ):
     """'logit' mode. NLL_GRAD: need_grad and nll_weight != 0 (the gradient then
     contains softmax(l)); COMPUTE_LSE: NEED_NLL or NLL_GRAD (otherwise no exp
@@ -210,7 +226,7 @@ def _relaxed_argmax_logit_kernel(
         keep = mask & (cols != t)
         l = tl.load(logits_row + cols, mask=mask, other=l_t).to(tl.float32)
         z = (l - l_t) * inv_tau + log_odds
-        softplus, sigmoid, complement = _softplus_sigmoid(z)
+        softplus, sigmoid, _complement = _softplus_sigmoid(z)
         g = sigmoid * inv_tau
         loss = tl.sum(tl.where(keep, softplus, 0.0), axis=0)
         g_sum = tl.sum(tl.where(keep, g, 0.0), axis=0)
@@ -218,7 +234,7 @@ def _relaxed_argmax_logit_kernel(
         if COMPUTE_LSE:
             m = tl.maximum(l_t, max_other)
             e = tl.where(keep, tl.exp(l - m), 0.0)
-            nll, inv_d, p_t, p_other = _nll_and_softmax_terms(l_t, m, tl.sum(e, axis=0))
+            nll, inv_d, _p_t, p_other = _nll_and_softmax_terms(l_t, m, tl.sum(e, axis=0))
         if NEED_GRAD:
             grad = w_argmax * g
             target_grad = -w_argmax * g_sum
@@ -241,7 +257,7 @@ def _relaxed_argmax_logit_kernel(
             keep = mask & (offs != t)
             l = tl.load(logits_row + offs, mask=mask, other=l_t).to(tl.float32)
             z = (l - l_t) * inv_tau + log_odds
-            softplus, sigmoid, complement = _softplus_sigmoid(z)
+            softplus, sigmoid, _complement = _softplus_sigmoid(z)
             g = sigmoid * inv_tau
             loss_acc += tl.where(keep, softplus, 0.0)
             g_acc += tl.where(keep, g, 0.0)
@@ -249,17 +265,16 @@ def _relaxed_argmax_logit_kernel(
             if COMPUTE_LSE:
                 m_new = tl.maximum(m, max_other)
                 d_other = d_other * tl.exp(m - m_new) + tl.sum(
-                    tl.where(keep, tl.exp(l - m_new), 0.0), axis=0)
+                    tl.where(keep, tl.exp(l - m_new), 0.0), axis=0
+                )
                 m = m_new
-            if NEED_GRAD:
-                if not NLL_GRAD:
-                    # The target's element is written once after the row.
-                    tl.store(grad_row + offs, (w_argmax * g).to(grad_ptr.dtype.element_ty),
-                             mask=keep)
+            if NEED_GRAD and not NLL_GRAD:
+                # The target's element is written once after the row.
+                tl.store(grad_row + offs, (w_argmax * g).to(grad_ptr.dtype.element_ty), mask=keep)
         loss = tl.sum(loss_acc, axis=0)
         g_sum = tl.sum(g_acc, axis=0)
         if COMPUTE_LSE:
-            nll, inv_d, p_t, p_other = _nll_and_softmax_terms(l_t, m, d_other)
+            nll, inv_d, _p_t, p_other = _nll_and_softmax_terms(l_t, m, d_other)
         if NEED_GRAD:
             target_grad = -w_argmax * g_sum
             if NLL_GRAD:
@@ -271,7 +286,7 @@ def _relaxed_argmax_logit_kernel(
                     mask = offs < V
                     l = tl.load(logits_row + offs, mask=mask, other=l_t).to(tl.float32)
                     z = (l - l_t) * inv_tau + log_odds
-                    softplus, sigmoid, complement = _softplus_sigmoid(z)
+                    softplus, sigmoid, _complement = _softplus_sigmoid(z)
                     grad = w_argmax * (sigmoid * inv_tau) + w_nll * (tl.exp(l - m) * inv_d)
                     grad = tl.where(offs == t, target_grad, grad)
                     tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -285,12 +300,24 @@ def _relaxed_argmax_logit_kernel(
 
 
 @triton.jit
-def _relaxed_argmax_prob_kernel(
-    logits_ptr, target_ptr, grad_scale_ptr,
-    argmax_ptr, nll_ptr, correct_ptr, grad_ptr,
-    V, stride_row, ignore_index,
-    inv_tau, log_odds, argmax_weight, nll_weight,
-    BLOCK_V: tl.constexpr, ONE_BLOCK: tl.constexpr, NEED_GRAD: tl.constexpr,
+def relaxed_argmax_prob_kernel(
+    logits_ptr,
+    target_ptr,
+    grad_scale_ptr,
+    argmax_ptr,
+    nll_ptr,
+    correct_ptr,
+    grad_ptr,
+    V,
+    stride_row,
+    ignore_index,
+    inv_tau,
+    log_odds,
+    argmax_weight,
+    nll_weight,
+    BLOCK_V: tl.constexpr,
+    ONE_BLOCK: tl.constexpr,
+    NEED_GRAD: tl.constexpr,
     NEED_NLL: tl.constexpr,
 ):
     """'prob' mode: the relaxed arg max on p = softmax(l).
@@ -330,8 +357,19 @@ def _relaxed_argmax_prob_kernel(
         ps_sum = tl.sum(p * sigmoid, axis=0)  # p is 0 off `keep`
         pq_sum = tl.sum(p * complement, axis=0)
         if NEED_GRAD:
-            grad = _prob_grad(p, sigmoid, complement, p_t, p_other, g_sum, ps_sum, pq_sum,
-                              inv_tau, w_argmax, w_nll)
+            grad = _prob_grad(
+                p,
+                sigmoid,
+                complement,
+                p_t,
+                p_other,
+                g_sum,
+                ps_sum,
+                pq_sum,
+                inv_tau,
+                w_argmax,
+                w_nll,
+            )
             target_grad = _prob_target_grad(p_t, p_other, g_sum, ps_sum, inv_tau, w_argmax, w_nll)
             grad = tl.where(cols == t, target_grad, grad)
             tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
@@ -348,7 +386,8 @@ def _relaxed_argmax_prob_kernel(
             max_other = tl.maximum(max_other, tl.max(tl.where(keep, l, float("-inf")), axis=0))
             m_new = tl.maximum(m, max_other)
             d_other = d_other * tl.exp(m - m_new) + tl.sum(
-                tl.where(keep, tl.exp(l - m_new), 0.0), axis=0)
+                tl.where(keep, tl.exp(l - m_new), 0.0), axis=0
+            )
             m = m_new
         nll, inv_d, p_t, p_other = _nll_and_softmax_terms(l_t, m, d_other)
         # Pass 2: losses and the row sums of sigmoid, p sigmoid, p (1 - sigmoid).
@@ -383,8 +422,19 @@ def _relaxed_argmax_prob_kernel(
                 p = tl.exp(l - m) * inv_d
                 z = _prob_z(l, l_t, p, p_t, inv_tau, log_odds)
                 softplus, sigmoid, complement = _softplus_sigmoid(z)
-                grad = _prob_grad(p, sigmoid, complement, p_t, p_other, g_sum, ps_sum, pq_sum,
-                                  inv_tau, w_argmax, w_nll)
+                grad = _prob_grad(
+                    p,
+                    sigmoid,
+                    complement,
+                    p_t,
+                    p_other,
+                    g_sum,
+                    ps_sum,
+                    pq_sum,
+                    inv_tau,
+                    w_argmax,
+                    w_nll,
+                )
                 grad = tl.where(offs == t, target_grad, grad)
                 tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
@@ -392,142 +442,3 @@ def _relaxed_argmax_prob_kernel(
         nll = 0.0
     correct = (max_other < l_t) | (V == 1)
     _store_row_outputs(argmax_ptr, nll_ptr, correct_ptr, row, t_ok, loss, nll, correct)
-
-
-# --------------------------------------------------------------------------- #
-# Host wrapper
-# --------------------------------------------------------------------------- #
-def _check_float(name: str, value, *, positive_open_unit: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a Python float, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive_open_unit and not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must lie in (0, 1), got {value}")
-    return value
-
-
-def _validate_inputs(logits, target, grad_scale) -> None:
-    """The contract's preconditions that can be checked without a host sync.
-    (Target values are range-checked by the caller; the kernel stays in bounds
-    for any value and writes NaN losses for an out-of-range one.)"""
-    if not isinstance(logits, torch.Tensor):
-        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
-    if logits.dtype not in SUPPORTED_DTYPES:
-        raise TypeError(
-            f"the triton backend takes float32, bfloat16 or float16 logits, got {logits.dtype} "
-            "(use the 'cpp' or 'reference' backend for float64)")
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be 2-D (N, V), got shape {tuple(logits.shape)}")
-    n_rows, vocab = logits.shape
-    if n_rows >= 2**31:
-        raise ValueError(f"N = {n_rows} rows exceed the launch grid limit 2^31 - 1")
-    if vocab < 1:
-        raise ValueError("logits must have V >= 1 columns")
-    if vocab >= 2**31:
-        raise ValueError(f"V = {vocab} does not fit the kernel's int32 column index")
-    if vocab > 1 and logits.stride(1) != 1:
-        raise ValueError(
-            f"logits must have unit column stride (stride(1) == 1), got {logits.stride()}; "
-            "row-strided views are fine, pass .contiguous() for anything else")
-    device = logits.device
-    if device.type == "cpu":
-        if not triton_interpreted():
-            raise ValueError(
-                "the triton backend runs CPU tensors only under TRITON_INTERPRET=1 "
-                "(set before triton is imported); use a CUDA tensor or the 'cpp' backend")
-    elif device.type != "cuda":
-        raise ValueError(f"the triton backend runs CUDA tensors, got a tensor on {device}")
-
-    if not isinstance(target, torch.Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
-    if target.dtype != torch.int64:
-        raise TypeError(f"target must be int64, got {target.dtype}")
-    if target.shape != (n_rows,):
-        raise ValueError(f"target must have shape ({n_rows},), got {tuple(target.shape)}")
-    if not target.is_contiguous():
-        raise ValueError("target must be contiguous")
-    if target.device != device:
-        raise ValueError(f"target is on {target.device} but logits are on {device}")
-
-    if not isinstance(grad_scale, torch.Tensor):
-        raise TypeError(f"grad_scale must be a 0-dim torch.Tensor, got {type(grad_scale).__name__}")
-    if grad_scale.dtype != torch.float32:
-        raise TypeError(f"grad_scale must be float32, got {grad_scale.dtype}")
-    if grad_scale.dim() != 0:
-        raise ValueError(f"grad_scale must be 0-dim, got shape {tuple(grad_scale.shape)}")
-    if grad_scale.device != device:
-        raise ValueError(f"grad_scale is on {grad_scale.device} but logits are on {device}")
-
-
-def _block_v(vocab: int, max_block_v: int) -> int:
-    return min(max(triton.next_power_of_2(vocab), _MIN_BLOCK_V), max_block_v)
-
-
-def _num_warps(block_v: int) -> int:
-    # 16 row elements per thread from 512 columns up; one warp below that.
-    return min(16, max(1, block_v // 512))
-
-
-def relaxed_argmax_forward(logits, target, tau, prob_mode, ignore_index,
-                           argmax_weight, nll_weight, grad_scale,
-                           need_grad, need_nll, *, max_block_v: int = MAX_BLOCK_V):
-    """Fused relaxed arg-max forward (and gradient) on the triton backend.
-
-    Returns (argmax_rows, nll_rows, correct_rows, grad) as in docs/loss_backend_contract.md:
-    argmax_rows and nll_rows float32 (N,), correct_rows bool (N,), grad a new
-    contiguous (N, V) tensor in the logits dtype (or shape (0,) when need_grad is
-    False). max_block_v (a power of two >= 16) caps the row chunk and the fused
-    single-read threshold; it exists so tests can exercise the chunked loops on
-    small rows. No host synchronisation.
-    """
-    _validate_inputs(logits, target, grad_scale)
-    tau = _check_float("tau", tau, positive_open_unit=True)
-    argmax_weight = _check_float("argmax_weight", argmax_weight)
-    nll_weight = _check_float("nll_weight", nll_weight)
-    prob_mode = check_bool(prob_mode, "prob_mode")
-    need_grad = check_bool(need_grad, "need_grad")
-    need_nll = check_bool(need_nll, "need_nll")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not -2**63 <= ignore_index < 2**63:
-        raise ValueError(f"ignore_index {ignore_index} does not fit int64")
-    if (isinstance(max_block_v, bool) or not isinstance(max_block_v, int)
-            or max_block_v < _MIN_BLOCK_V or max_block_v & (max_block_v - 1)):
-        raise ValueError(f"max_block_v must be a power of two >= {_MIN_BLOCK_V}, got {max_block_v}")
-
-    n_rows, vocab = logits.shape
-    device = logits.device
-    argmax_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
-    nll_rows = torch.empty(n_rows, dtype=torch.float32, device=device)
-    correct_rows = torch.empty(n_rows, dtype=torch.bool, device=device)
-    if need_grad:
-        grad = torch.empty((n_rows, vocab), dtype=logits.dtype, device=device)
-    else:
-        grad = torch.empty((0,), dtype=logits.dtype, device=device)
-    if n_rows == 0:
-        nll_rows.zero_()
-        return argmax_rows, nll_rows, correct_rows, grad
-
-    block_v = _block_v(vocab, max_block_v)
-    common = dict(
-        V=vocab, stride_row=logits.stride(0), ignore_index=ignore_index,
-        inv_tau=1.0 / tau,
-        log_odds=math.log1p(-tau) - math.log(tau),  # log(1/tau - 1), accurate near tau = 1
-        argmax_weight=argmax_weight, nll_weight=nll_weight,
-        BLOCK_V=block_v, ONE_BLOCK=vocab <= block_v, NEED_GRAD=need_grad,
-        NEED_NLL=need_nll, num_warps=_num_warps(block_v),
-    )
-    args = (logits, target, grad_scale, argmax_rows, nll_rows, correct_rows, grad)
-    grid = (n_rows,)
-    # Triton launches on the current CUDA device; make it the tensors' device.
-    on_device = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
-    with on_device:
-        if prob_mode:
-            _relaxed_argmax_prob_kernel[grid](*args, **common)
-        else:
-            nll_grad = need_grad and nll_weight != 0.0
-            _relaxed_argmax_logit_kernel[grid](
-                *args, NLL_GRAD=nll_grad, COMPUTE_LSE=need_nll or nll_grad, **common)
-    return argmax_rows, nll_rows, correct_rows, grad

@@ -38,16 +38,37 @@ def test_unknown_backend(name, exc):
 
 def test_unknown_public_attribute():
     with pytest.raises(AttributeError):
-        ddf.not_a_thing
+        _ = ddf.not_a_thing
 
 
 def test_public_api_names_resolve():
     # The names the foundation issue fixes, plus the model entry points.
-    for name in ("PROPOSALS", "KERNELS", "kl_divergence", "uniform_prior_transform", "proposal",
-                 "RejectionSampler", "relaxed_argmax_loss", "RelaxedArgmaxLoss", "decoder_loss",
-                 "deterministic_argmax", "available_backends", "LinearSchedule",
-                 "LogLinearSchedule", "SequenceDDVAE", "Trainer"):
+    for name in (
+        "PROPOSALS",
+        "KERNELS",
+        "kl_divergence",
+        "uniform_prior_transform",
+        "proposal",
+        "RejectionSampler",
+        "relaxed_argmax_loss",
+        "RelaxedArgmaxLoss",
+        "decoder_loss",
+        "deterministic_argmax",
+        "available_backends",
+        "LinearSchedule",
+        "LogLinearSchedule",
+        "SequenceDDVAE",
+        "Trainer",
+    ):
         assert getattr(ddf, name) is not None, name
-    assert ddf.PROPOSALS == ("uniform", "triangular", "epanechnikov", "quartic", "triweight",
-                             "tricube", "cosine", "gaussian")
-    assert ddf.KERNELS == ddf.PROPOSALS[:7]
+    assert ddf.PROPOSALS == (
+        "uniform",
+        "triangular",
+        "epanechnikov",
+        "quartic",
+        "triweight",
+        "tricube",
+        "cosine",
+        "gaussian",
+    )
+    assert ddf.PROPOSALS[:7] == ddf.KERNELS

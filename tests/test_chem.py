@@ -1,10 +1,11 @@
 """SMILES metrics and penalized logP (Eq. 25-26) against direct RDKit calls."""
+
 import pytest
 from rdkit import Chem
 from rdkit.Chem import Crippen
 from rdkit.Contrib.SA_Score import sascorer
 
-from ddvae_fast import chem
+from ddvae_fast.seqvae import chem
 
 MOLECULES = [
     "CCO",
@@ -65,7 +66,12 @@ def test_validity_uniqueness_novelty():
     assert chem.uniqueness(samples) == pytest.approx(3 / 4)
     assert chem.novelty(samples, training=["CCO", "CC"]) == pytest.approx(2 / 3)
     metrics = chem.sample_metrics(samples, training=["c1ccccc1"])
-    assert metrics == {"n_samples": 8, "validity": 0.5, "uniqueness": 0.75, "novelty": pytest.approx(2 / 3)}
+    assert metrics == {
+        "n_samples": 8,
+        "validity": 0.5,
+        "uniqueness": 0.75,
+        "novelty": pytest.approx(2 / 3),
+    }
     assert chem.uniqueness([None, "C1CC"]) == 0.0
     with pytest.raises(ValueError):
         chem.validity([])

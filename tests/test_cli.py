@@ -1,10 +1,11 @@
 """`ddvae-fast train`: outputs, presets, resume, SMILES data, errors (tiny runs)."""
+
 import json
 
 import pytest
 import torch
 
-from ddvae_fast import cli
+from ddvae_fast.seqvae import cli
 
 # The models under test are tiny; see one_torch_thread in conftest.py.
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -49,8 +50,20 @@ def tiny_config(tmp_path):
 
 def test_train_writes_checkpoint_metrics_and_map(tmp_path, tiny_config, capsys):
     out = tmp_path / "run"
-    code = cli.main(["train", "--config", str(tiny_config), "--epochs", "2", "--out", str(out),
-                     "--no-progress", "--seed", "3"])
+    code = cli.main(
+        [
+            "train",
+            "--config",
+            str(tiny_config),
+            "--epochs",
+            "2",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--seed",
+            "3",
+        ]
+    )
     assert code == 0
     assert (out / "checkpoint.pt").is_file()
     assert (out / "latent_map.png").read_bytes()[:8] == PNG
@@ -77,7 +90,7 @@ def test_train_writes_checkpoint_metrics_and_map(tmp_path, tiny_config, capsys):
 
 
 def test_resume_through_the_cli_matches_an_uninterrupted_run(tmp_path, tiny_config):
-    from ddvae_fast.training import Trainer
+    from ddvae_fast.seqvae.trainer import Trainer
 
     args = ["train", "--config", str(tiny_config), "--epochs", "2", "--no-progress"]
     assert cli.main(args + ["--out", str(tmp_path / "straight")]) == 0
@@ -97,9 +110,26 @@ def test_resume_through_the_cli_matches_an_uninterrupted_run(tmp_path, tiny_conf
 
 def test_vae_baseline_on_a_gaussian_square(tmp_path, tiny_config):
     out = tmp_path / "vae"
-    code = cli.main(["train", "--config", str(tiny_config), "--prior", "gaussian", "--proposal", "gaussian",
-                     "--mode", "sample", "--epochs", "1", "--out", str(out), "--no-progress",
-                     "--eval-samples", "2000"])
+    code = cli.main(
+        [
+            "train",
+            "--config",
+            str(tiny_config),
+            "--prior",
+            "gaussian",
+            "--proposal",
+            "gaussian",
+            "--mode",
+            "sample",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--no-progress",
+            "--eval-samples",
+            "2000",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["model"]["mode"] == "sample"
@@ -110,14 +140,33 @@ def test_vae_baseline_on_a_gaussian_square(tmp_path, tiny_config):
 def test_presets_resolve_to_the_paper_recipe():
     parse = cli._parser().parse_args
     default = cli._config_from_args(parse(["train"]))
-    assert default.data.is_synthetic and default.model.proposal == "tricube" and default.model.prior == "uniform"
+    assert (
+        default.data.is_synthetic
+        and default.model.proposal == "tricube"
+        and default.model.prior == "uniform"
+    )
     assert default.train.finetune_epochs >= 1 and default.train.epochs < 100
     paper = cli._config_from_args(parse(["train", "--preset", "paper"]))
     assert (paper.train.epochs, paper.train.finetune_epochs, paper.train.tau_end) == (100, 10, 1e-2)
-    vae = cli._config_from_args(parse(["train", "--preset", "paper", "--prior", "gaussian",
-                                       "--proposal", "gaussian", "--mode", "sample"]))
+    vae = cli._config_from_args(
+        parse(
+            [
+                "train",
+                "--preset",
+                "paper",
+                "--prior",
+                "gaussian",
+                "--proposal",
+                "gaussian",
+                "--mode",
+                "sample",
+            ]
+        )
+    )
     assert (vae.model.mode, vae.train.beta_end, vae.train.tau_end) == ("sample", 0.1, 1e-3)
-    uniform = cli._config_from_args(parse(["train", "--preset", "paper", "--proposal", "uniform", "--epochs", "7"]))
+    uniform = cli._config_from_args(
+        parse(["train", "--preset", "paper", "--proposal", "uniform", "--epochs", "7"])
+    )
     assert (uniform.train.beta_end, uniform.train.epochs) == (0.1, 7)
     smiles = cli._config_from_args(parse(["train", "--data", "x.smi"]))
     assert smiles.data.tokenizer == "smiles" and smiles.data.source == "x.smi"
@@ -125,8 +174,22 @@ def test_presets_resolve_to_the_paper_recipe():
 
 def test_train_on_smiles(tmp_path):
     data = tmp_path / "mols.smi"
-    data.write_text("\n".join(["CCO", "c1ccccc1O", "Clc1ccc(Br)cc1", "C[C@@H](N)C(=O)O", "c1cc[nH]c1",
-                               "CC(=O)Nc1ccc(O)cc1", "C1CCCCC1", "O=C([O-])CC[NH3+]"] * 8) + "\n")
+    data.write_text(
+        "\n".join(
+            [
+                "CCO",
+                "c1ccccc1O",
+                "Clc1ccc(Br)cc1",
+                "C[C@@H](N)C(=O)O",
+                "c1cc[nH]c1",
+                "CC(=O)Nc1ccc(O)cc1",
+                "C1CCCCC1",
+                "O=C([O-])CC[NH3+]",
+            ]
+            * 8
+        )
+        + "\n"
+    )
     config = tmp_path / "smiles.toml"
     config.write_text(
         "[data]\ntokenizer = 'smiles'\n[model]\nembedding_dim = 8\nhidden_size = 16\nnum_layers = 1\n"
@@ -134,8 +197,20 @@ def test_train_on_smiles(tmp_path):
         "pretrain_epochs = 1\nfinetune_epochs = 1\ntau_start = 0.2\ntau_end = 0.1\nbeta_end = 0.01\n"
     )
     out = tmp_path / "smiles_run"
-    code = cli.main(["train", "--config", str(config), "--data", str(data), "--out", str(out),
-                     "--no-progress", "--eval-samples", "50"])
+    code = cli.main(
+        [
+            "train",
+            "--config",
+            str(config),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--eval-samples",
+            "50",
+        ]
+    )
     assert code == 0
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("validity", "uniqueness", "novelty", "reconstruction_accuracy"):
@@ -147,9 +222,15 @@ def test_train_on_smiles(tmp_path):
 def test_data_errors_exit_with_a_message(tmp_path, capsys):
     empty = tmp_path / "empty.smi"
     empty.write_text("\n")
-    assert cli.main(["train", "--data", str(empty), "--out", str(tmp_path / "o"), "--no-progress"]) == 2
+    assert (
+        cli.main(["train", "--data", str(empty), "--out", str(tmp_path / "o"), "--no-progress"])
+        == 2
+    )
     assert "contains no strings" in capsys.readouterr().err
-    assert cli.main(["train", "--data", str(tmp_path / "missing.smi"), "--out", str(tmp_path / "o")]) == 2
+    assert (
+        cli.main(["train", "--data", str(tmp_path / "missing.smi"), "--out", str(tmp_path / "o")])
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
     assert cli.main(["train", "--resume", "--out", str(tmp_path / "never")]) == 2
     assert "no checkpoint" in capsys.readouterr().err

@@ -1,4 +1,5 @@
 """Data loading, tokenizers, vocabulary, batching and the synthetic bit strings."""
+
 import gzip
 import math
 
@@ -8,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ddvae_fast.data import (
+from ddvae_fast.seqvae.data import (
     EncodedStrings,
     Vocabulary,
     batch_order,
@@ -17,7 +18,11 @@ from ddvae_fast.data import (
     load_strings,
     tokenize_smiles,
 )
-from ddvae_fast.synthetic import bernoulli_distribution, sample_bernoulli_strings, total_variation
+from ddvae_fast.seqvae.synthetic import (
+    bernoulli_distribution,
+    sample_bernoulli_strings,
+    total_variation,
+)
 
 # Real molecules (ZINC / drug SMILES) with two-letter atoms, bracket atoms,
 # stereo, charges and a two-digit ring closure.
@@ -61,8 +66,32 @@ def test_smiles_round_trip_real_molecules(smiles):
             assert unit in tokens
 
 
-_SMILES_UNITS = ["C", "N", "O", "c", "n", "o", "s", "F", "Cl", "Br", "[nH]", "[C@@H]", "[O-]",
-                 "[NH3+]", "(", ")", "=", "#", "1", "2", "%10", "%23", "/", "\\"]
+_SMILES_UNITS = [
+    "C",
+    "N",
+    "O",
+    "c",
+    "n",
+    "o",
+    "s",
+    "F",
+    "Cl",
+    "Br",
+    "[nH]",
+    "[C@@H]",
+    "[O-]",
+    "[NH3+]",
+    "(",
+    ")",
+    "=",
+    "#",
+    "1",
+    "2",
+    "%10",
+    "%23",
+    "/",
+    "\\",
+]
 
 
 @settings(max_examples=200, deadline=None)

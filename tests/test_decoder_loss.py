@@ -5,6 +5,7 @@ written here with Python loops in float64, on the reference path, on the
 'cpp' backend (which CI builds: these tests fail if it is missing) and on the
 custom-op path running the reference forward.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,19 +17,44 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ddvae_fast as ddf
-from ddvae_fast import relaxed_argmax as ra
+from ddvae_fast.loss import api as ra
 
 PATHS = ("reference", "cpp", "op")
 
 
-def decoder_loss_on(path, logits, target, tau, *, argmax_weight=1.0, nll_weight=0.0,
-                    score="logit", ignore_index=-100):
+def decoder_loss_on(
+    path,
+    logits,
+    target,
+    tau,
+    *,
+    argmax_weight=1.0,
+    nll_weight=0.0,
+    score="logit",
+    ignore_index=-100,
+):
     if path == "op":  # decoder_loss's fused path on the reference forward
-        return ra._decoder_loss(logits, target, tau, argmax_weight, nll_weight, score,
-                                ignore_index, "reference", fused=True)
-    return ddf.decoder_loss(logits, target, tau, argmax_weight=argmax_weight,
-                            nll_weight=nll_weight, score=score, ignore_index=ignore_index,
-                            backend=path)
+        return ra._decoder_loss(
+            logits,
+            target,
+            tau,
+            argmax_weight,
+            nll_weight,
+            score,
+            ignore_index,
+            "reference",
+            fused=True,
+        )
+    return ddf.decoder_loss(
+        logits,
+        target,
+        tau,
+        argmax_weight=argmax_weight,
+        nll_weight=nll_weight,
+        score=score,
+        ignore_index=ignore_index,
+        backend=path,
+    )
 
 
 def naive_statistics(logits, target, tau, ignore_index, score):
@@ -61,8 +87,12 @@ def naive_statistics(logits, target, tau, ignore_index, score):
         correct_sequences += sequence_ok
     if counted == 0:
         return 0.0, 0.0, 1.0, 1.0
-    return (argmax_sum / counted, nll_sum / counted, correct_tokens / counted,
-            correct_sequences / max(batch, 1))
+    return (
+        argmax_sum / counted,
+        nll_sum / counted,
+        correct_tokens / counted,
+        correct_sequences / max(batch, 1),
+    )
 
 
 @settings(max_examples=25, deadline=None)
@@ -77,8 +107,9 @@ def naive_statistics(logits, target, tau, ignore_index, score):
     path=st.sampled_from(PATHS),
     seed=st.integers(0, 2**16),
 )
-def test_statistics_match_naive_loops(batch, length, vocab, ignore_index, ignore_fraction,
-                                      score, tau, path, seed):
+def test_statistics_match_naive_loops(
+    batch, length, vocab, ignore_index, ignore_fraction, score, tau, path, seed
+):
     gen = torch.Generator().manual_seed(seed)
     # Small integer logits: ties (which must count as wrong) are frequent,
     # and so are rows where the target is the unique maximum.
@@ -90,10 +121,19 @@ def test_statistics_match_naive_loops(batch, length, vocab, ignore_index, ignore
     ignored = torch.rand(batch, length, generator=gen) < ignore_fraction
     target = torch.where(ignored, torch.full_like(target, ignore_index), target)
 
-    out = decoder_loss_on(path, logits, target, tau, ignore_index=ignore_index, score=score,
-                          nll_weight=0.5, argmax_weight=2.0)
-    argmax_loss, nll, token_acc, seq_acc = naive_statistics(logits, target, tau, ignore_index,
-                                                            score)
+    out = decoder_loss_on(
+        path,
+        logits,
+        target,
+        tau,
+        ignore_index=ignore_index,
+        score=score,
+        nll_weight=0.5,
+        argmax_weight=2.0,
+    )
+    argmax_loss, nll, token_acc, seq_acc = naive_statistics(
+        logits, target, tau, ignore_index, score
+    )
     # float64 everywhere; loops vs vectorized rounding only
     close = dict(rel=1e-10, abs=1e-12)
     assert float(out.argmax_loss) == pytest.approx(argmax_loss, **close)
@@ -106,10 +146,13 @@ def test_statistics_match_naive_loops(batch, length, vocab, ignore_index, ignore
 
 @pytest.mark.parametrize("path", PATHS)
 def test_ties_count_as_wrong_and_ignored_positions_do_not_count(path):
-    logits = torch.tensor([
-        [[3.0, 1.0, 0.0], [2.0, 2.0, 0.0], [0.0, 0.0, 9.0]],
-        [[0.0, 5.0, 1.0], [1.0, 1.0, 1.0], [4.0, 0.0, 4.0]],
-    ], dtype=torch.float64)
+    logits = torch.tensor(
+        [
+            [[3.0, 1.0, 0.0], [2.0, 2.0, 0.0], [0.0, 0.0, 9.0]],
+            [[0.0, 5.0, 1.0], [1.0, 1.0, 1.0], [4.0, 0.0, 4.0]],
+        ],
+        dtype=torch.float64,
+    )
     # sequence 0: correct, a two-way tie on the target (wrong), ignored
     # sequence 1: correct, ignored, a tie on the target (wrong)
     target = torch.tensor([[0, 0, -100], [1, -100, 2]])
@@ -133,8 +176,9 @@ def test_nll_weight_blends_gradients_linearly(path):
 
     def grad_of(argmax_weight, nll_weight):
         x = logits.clone().requires_grad_(True)
-        out = decoder_loss_on(path, x, target, 0.2, argmax_weight=argmax_weight,
-                              nll_weight=nll_weight, score="prob")
+        out = decoder_loss_on(
+            path, x, target, 0.2, argmax_weight=argmax_weight, nll_weight=nll_weight, score="prob"
+        )
         out.loss.backward()
         return out.loss.detach(), x.grad
 
@@ -145,10 +189,10 @@ def test_nll_weight_blends_gradients_linearly(path):
     x = logits.clone().requires_grad_(True)
     F.cross_entropy(x.reshape(-1, 6), target.reshape(-1), ignore_index=-100).backward()
     torch.testing.assert_close(nll_only, x.grad, rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(blend, 0.7 * argmax_only + 0.3 * nll_only, rtol=1e-10,
-                               atol=1e-12)
-    torch.testing.assert_close(blend_loss, 0.7 * argmax_only_loss + 0.3 * nll_only_loss,
-                               rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(blend, 0.7 * argmax_only + 0.3 * nll_only, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(
+        blend_loss, 0.7 * argmax_only_loss + 0.3 * nll_only_loss, rtol=1e-12, atol=1e-12
+    )
     # with argmax_weight = 1, nll_weight = 0 the loss is relaxed_argmax_loss's mean
     want = ddf.relaxed_argmax_loss(logits, target, 0.2, score="prob", backend="reference")
     torch.testing.assert_close(argmax_only_loss, want, rtol=1e-12, atol=1e-12)
@@ -192,8 +236,11 @@ def test_float32_statistics_for_half_precision_reference():
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
-        (dict(logits=torch.randn(6, 5), target=torch.zeros(6, dtype=torch.int64)), ValueError,
-         r"\(B, L, V\)"),
+        (
+            dict(logits=torch.randn(6, 5), target=torch.zeros(6, dtype=torch.int64)),
+            ValueError,
+            r"\(B, L, V\)",
+        ),
         (dict(nll_weight=float("nan")), ValueError, "nll_weight"),
         (dict(argmax_weight="1"), TypeError, "argmax_weight"),
         (dict(tau=1.0), ValueError, "strictly inside"),
@@ -202,9 +249,9 @@ def test_float32_statistics_for_half_precision_reference():
     ],
 )
 def test_bad_input_raises(kwargs, error, match):
-    args = dict(logits=torch.randn(2, 3, 5), target=torch.zeros(2, 3, dtype=torch.int64),
-                tau=0.1)
+    args = dict(logits=torch.randn(2, 3, 5), target=torch.zeros(2, 3, dtype=torch.int64), tau=0.1)
     args.update(kwargs)
     with pytest.raises(error, match=match):
-        ddf.decoder_loss(args.pop("logits"), args.pop("target"), args.pop("tau"),
-                         backend="reference", **args)
+        ddf.decoder_loss(
+            args.pop("logits"), args.pop("target"), args.pop("tau"), backend="reference", **args
+        )

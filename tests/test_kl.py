@@ -6,10 +6,10 @@ for Hypothesis-drawn proposal and prior parameters. The kernel densities used
 here are checked against the paper's formulas in test_smoothing_kernels.py.
 Quadrature warnings are errors, so quad must reach its requested accuracy.
 """
+
 import math
 import warnings
 
-import numpy as np
 import pytest
 import torch
 import torch.distributions as D
@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from scipy import integrate
 
 from ddvae_fast import kl_divergence, proposal
-from ddvae_fast.smoothing_kernels import KERNELS, PROPOSALS, get_kernel
+from ddvae_fast.distributions.smoothing import KERNELS, PROPOSALS, get_kernel
 
 pytestmark = pytest.mark.filterwarnings("error::scipy.integrate.IntegrationWarning")
 
@@ -110,8 +110,12 @@ def test_kl_divergence_to_standard_normal_matches_quadrature(name, mu, sigma):
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", KERNELS)
 @settings(max_examples=20, deadline=None)
-@given(a=st.floats(-5, 5), width=st.floats(1e-2, 10), f_low=st.floats(0, 0.99),
-       f_high=st.floats(1e-3, 1))
+@given(
+    a=st.floats(-5, 5),
+    width=st.floats(1e-2, 10),
+    f_low=st.floats(0, 0.99),
+    f_high=st.floats(1e-3, 1),
+)
 def test_registered_kl_to_general_uniform_matches_quadrature(name, a, width, f_low, f_high):
     mu, sigma, b = nested_support(a, width, f_low, f_high)
     log_width = math.log(b - a)
@@ -132,8 +136,13 @@ def test_kl_divergence_to_standard_uniform_matches_quadrature(name, f_low, f_hig
 
 @pytest.mark.parametrize("name", KERNELS)
 @settings(max_examples=15, deadline=None)
-@given(a=st.floats(-5, 5), width=st.floats(1e-2, 10), centre=st.floats(-1, 2),
-       overhang=st.floats(1e-3, 3), right=st.booleans())
+@given(
+    a=st.floats(-5, 5),
+    width=st.floats(1e-2, 10),
+    centre=st.floats(-1, 2),
+    overhang=st.floats(1e-3, 3),
+    right=st.booleans(),
+)
 def test_kl_is_inf_when_supports_do_not_nest(name, a, width, centre, overhang, right):
     b = a + width
     # Support sticking out of [a, b] by `overhang` on one side.
@@ -147,8 +156,11 @@ def test_kl_is_inf_when_supports_do_not_nest(name, a, width, centre, overhang, r
         edge_lo, edge_hi = low, a
     mu, sigma = (low + high) / 2, (high - low) / 2
     log_q = log_q_fn(name, mu, sigma)
-    outside = integrate.quad(lambda z: math.exp(log_q(z)) if log_q(z) > -math.inf else 0.0,
-                             max(edge_lo, mu - sigma), min(edge_hi, mu + sigma))[0]
+    outside = integrate.quad(
+        lambda z: math.exp(log_q(z)) if log_q(z) > -math.inf else 0.0,
+        max(edge_lo, mu - sigma),
+        min(edge_hi, mu + sigma),
+    )[0]
     assert outside > 0  # q puts mass where p = 0: the defining integral is +inf
     q = proposal(name, t64(mu), t64(sigma))
     assert float(D.kl_divergence(q, D.Uniform(t64(a), t64(b)))) == math.inf
@@ -177,9 +189,12 @@ def test_gaussian_proposal_against_uniform_prior_is_inf():
 # ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", PROPOSALS)
 @settings(max_examples=30, deadline=None)
-@given(mu=st.lists(st.floats(-50, 50), min_size=1, max_size=8),
-       log_sigma=st.lists(st.floats(-12, 4), min_size=1, max_size=8),
-       m=prior_locs, s=prior_scales)
+@given(
+    mu=st.lists(st.floats(-50, 50), min_size=1, max_size=8),
+    log_sigma=st.lists(st.floats(-12, 4), min_size=1, max_size=8),
+    m=prior_locs,
+    s=prior_scales,
+)
 def test_kl_is_nonnegative(name, mu, log_sigma, m, s):
     n = min(len(mu), len(log_sigma))
     mu, sigma = t64(mu[:n]), t64(log_sigma[:n]).exp()
@@ -251,7 +266,8 @@ def test_torch_registrations_still_work_and_dispatch_is_unambiguous():
     g = proposal("gaussian", t64(0.3), t64(0.7))
     assert float(D.kl_divergence(g, n2)) == pytest.approx(expected, rel=1e-14)
     assert float(kl_divergence("gaussian", t64(0.3), t64(0.7))) == pytest.approx(
-        float(D.kl_divergence(g, D.Normal(t64(0.0), t64(1.0)))), rel=1e-14)
+        float(D.kl_divergence(g, D.Normal(t64(0.0), t64(1.0)))), rel=1e-14
+    )
 
 
 @settings(max_examples=20, deadline=None)

@@ -1,5 +1,6 @@
 """SequenceDDVAE: encoder/decoder shapes, deterministic decoding with ties,
 the training objective against an independent computation, save/load."""
+
 import math
 
 import pytest
@@ -9,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ddvae_fast as ddf
-from ddvae_fast.data import Vocabulary, encode_strings
-from ddvae_fast.models import ModelConfig, SequenceDDVAE
+from ddvae_fast.seqvae.data import Vocabulary, encode_strings
+from ddvae_fast.seqvae.model import ModelConfig, SequenceDDVAE
 
 STRINGS = ["0110", "1", "", "111111", "010"]
 
@@ -21,7 +22,14 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def _model(seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = dict(embedding_dim=4, hidden_size=16, num_layers=2, latent_dim=2, max_length=6, backend="reference")
+    cfg = dict(
+        embedding_dim=4,
+        hidden_size=16,
+        num_layers=2,
+        latent_dim=2,
+        max_length=6,
+        backend="reference",
+    )
     cfg.update(kw)
     return SequenceDDVAE(Vocabulary.build(["01"], "char"), **cfg)
 
@@ -33,8 +41,15 @@ class _MeanSampler:
         return mu
 
 
-@pytest.mark.parametrize("prior,proposal", [("uniform", "tricube"), ("uniform", "uniform"),
-                                            ("gaussian", "gaussian"), ("gaussian", "triweight")])
+@pytest.mark.parametrize(
+    "prior,proposal",
+    [
+        ("uniform", "tricube"),
+        ("uniform", "uniform"),
+        ("gaussian", "gaussian"),
+        ("gaussian", "triweight"),
+    ],
+)
 def test_encode_shapes_and_support(prior, proposal):
     model = _model(prior=prior, proposal=proposal)
     with torch.no_grad():
@@ -120,8 +135,13 @@ def test_decode_tie_after_a_valid_prefix_is_invalid():
 def test_decode_special_tokens_and_missing_eos():
     model = _model()
     vocab = model.vocabulary
-    for winner, expected in [(vocab.eos, ""), (vocab.pad, None), (vocab.bos, None),
-                             (vocab.unk, None), (vocab.stoi["1"], None)]:
+    for winner, expected in [
+        (vocab.eos, ""),
+        (vocab.pad, None),
+        (vocab.bos, None),
+        (vocab.unk, None),
+        (vocab.stoi["1"], None),
+    ]:
         bias = [0.0] * len(vocab)
         bias[winner] = 1.0
         _set_constant_logits(model, bias)
@@ -251,7 +271,7 @@ def test_config_errors():
         _model(proposal="boxcar")
     with pytest.raises(ValueError, match="hidden_size"):
         _model(hidden_size=0)
-    with pytest.raises(ValueError, match="unknown model settings"):
+    with pytest.raises(ValueError, match=r"unknown settings .* in \[model\]"):
         ModelConfig.from_dict({"hidden": 3})
     with pytest.raises(TypeError):
         SequenceDDVAE(["0", "1"])

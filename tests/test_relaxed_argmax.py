@@ -8,8 +8,10 @@ layer (flattening, reductions, in-place backward rescaling, torch.compile) is
 tested without any compiled backend; tests/test_relaxed_argmax_backends.py
 checks the 'cpp' and 'triton' backends against the reference.
 """
+
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -19,8 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ddvae_fast as ddf
-from ddvae_fast import relaxed_argmax as ra
-from ddvae_fast.nn import RelaxedArgmaxLoss
+from ddvae_fast.backends import implementation
+from ddvae_fast.loss import api as ra
+from ddvae_fast.loss import reference
+from ddvae_fast.loss.nn import RelaxedArgmaxLoss
 
 SCORES = ("logit", "prob")
 REDUCTIONS = ("mean", "sum", "none")
@@ -32,7 +36,12 @@ PATHS = ("reference", "op")
 def loss_on(path, logits, target, tau, score="logit", ignore_index=-100, reduction="mean"):
     if path == "reference":
         return ddf.relaxed_argmax_loss(
-            logits, target, tau, score=score, ignore_index=ignore_index, reduction=reduction,
+            logits,
+            target,
+            tau,
+            score=score,
+            ignore_index=ignore_index,
+            reduction=reduction,
             backend="reference",
         )
     ra._check_logits_target(logits, target)  # the public API validates before the op
@@ -63,8 +72,9 @@ def naive_rows(logits, target, tau, score, ignore_index):
             top = max(row)
             e = [math.exp(v - top) for v in row]
             row = [v / sum(e) for v in e]
-        out.append(sum(neg_log_sigma_tau(row[t] - row[s], tau)
-                       for s in range(num_classes) if s != t))
+        out.append(
+            sum(neg_log_sigma_tau(row[t] - row[s], tau) for s in range(num_classes) if s != t)
+        )
     return torch.tensor(out, dtype=torch.float64).reshape(target.shape)
 
 
@@ -77,8 +87,16 @@ def naive_reduce(rows, target, ignore_index, reduction):
     return rows.sum() / max(count, 1)
 
 
-def random_batch(shape, num_classes, *, ignore_fraction=0.2, ignore_index=-100, seed=0,
-                 dtype=torch.float64, scale=2.0):
+def random_batch(
+    shape,
+    num_classes,
+    *,
+    ignore_fraction=0.2,
+    ignore_index=-100,
+    seed=0,
+    dtype=torch.float64,
+    scale=2.0,
+):
     gen = torch.Generator().manual_seed(seed)
     logits = scale * torch.randn(*shape, num_classes, generator=gen, dtype=torch.float64)
     target = torch.randint(0, num_classes, shape, generator=gen)
@@ -101,12 +119,14 @@ def random_batch(shape, num_classes, *, ignore_fraction=0.2, ignore_index=-100, 
     path=st.sampled_from(PATHS),
     seed=st.integers(0, 2**16),
 )
-def test_matches_naive_eq12_loops(num_rows, num_classes, tau, score, reduction, ignore_index,
-                                  path, seed):
+def test_matches_naive_eq12_loops(
+    num_rows, num_classes, tau, score, reduction, ignore_index, path, seed
+):
     logits, target = random_batch((num_rows,), num_classes, ignore_index=ignore_index, seed=seed)
     got = loss_on(path, logits, target, tau, score, ignore_index, reduction)
-    want = naive_reduce(naive_rows(logits, target, tau, score, ignore_index), target,
-                        ignore_index, reduction)
+    want = naive_reduce(
+        naive_rows(logits, target, tau, score, ignore_index), target, ignore_index, reduction
+    )
     # float64 on both sides; the loops and the vectorized code round differently
     # over at most a few dozen terms.
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
@@ -131,7 +151,7 @@ def test_loss_decreases_to_zero_as_target_dominates():
         logits = torch.zeros(1, 4, dtype=torch.float64)
         logits[0, 2] = margin
         losses.append(float(ddf.relaxed_argmax_loss(logits, target, 0.1, backend="reference")))
-    assert all(a > b for a, b in zip(losses, losses[1:]))
+    assert all(a > b for a, b in itertools.pairwise(losses))
     assert losses[-1] < 1e-100
     # At a three-way tie with tau: each of the 3 pairs costs -log sigma_tau(0) = -log tau.
     assert losses[0] == pytest.approx(-3 * math.log(0.1), rel=1e-12)
@@ -149,8 +169,9 @@ def test_reference_gradcheck(score, reduction):
     logits.requires_grad_(True)
 
     def fn(x):
-        return ddf.relaxed_argmax_loss(x, target, 0.3, score=score, reduction=reduction,
-                                       backend="reference")
+        return ddf.relaxed_argmax_loss(
+            x, target, 0.3, score=score, reduction=reduction, backend="reference"
+        )
 
     assert torch.autograd.gradcheck(fn, (logits,), eps=1e-6, atol=1e-8, rtol=1e-6)
 
@@ -162,8 +183,11 @@ def test_op_gradient_equals_autograd_of_reference(score, reduction, tau):
     # The op's gradient comes from explicit formulas and an in-place rescale by
     # the upstream gradient; autograd of the plain reference is the oracle.
     logits, target = random_batch((4, 5), 11, seed=3, scale=0.5)
-    upstream = torch.randn(() if reduction != "none" else (4, 5), dtype=torch.float64,
-                           generator=torch.Generator().manual_seed(4))
+    upstream = torch.randn(
+        () if reduction != "none" else (4, 5),
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(4),
+    )
     grads = []
     for path in PATHS:
         x = logits.clone().requires_grad_(True)
@@ -183,12 +207,20 @@ def test_reference_forward_contract_outputs(score):
     logits, target = random_batch((40,), 7, seed=5, scale=1.0)
     logits[:5] = torch.round(logits[:5])  # integer logits: ties are likely
     aw, nw, scale = 0.7, 0.4, 0.25
-    a_rows, n_rows, correct, grad = ra.reference_relaxed_argmax_forward(
-        logits, target, 0.2, score == "prob", -100, aw, nw,
-        torch.tensor(scale, dtype=torch.float32), True, True,
+    a_rows, n_rows, correct, grad = reference.forward(
+        logits,
+        target,
+        0.2,
+        score == "prob",
+        -100,
+        aw,
+        nw,
+        torch.tensor(scale, dtype=torch.float32),
+        True,
+        True,
     )
     x = logits.clone().requires_grad_(True)
-    want_a = ra.reference_relaxed_argmax_rows(x, target, 0.2, score, -100)
+    want_a = reference.relaxed_argmax_rows(x, target, 0.2, score, -100)
     want_n = F.cross_entropy(x, target, ignore_index=-100, reduction="none")
     (want_grad,) = torch.autograd.grad(scale * (aw * want_a + nw * want_n).sum(), x)
     torch.testing.assert_close(a_rows, want_a.detach(), rtol=1e-12, atol=1e-12)
@@ -197,9 +229,17 @@ def test_reference_forward_contract_outputs(score):
     decoded = ddf.deterministic_argmax(logits)
     assert correct.tolist() == ((decoded == target) | (target == -100)).tolist()
     # Without the gradient: an empty grad and zero nll rows when need_nll is off.
-    *_, no_grad = ra.reference_relaxed_argmax_forward(
-        logits, target, 0.2, score == "prob", -100, 1.0, 0.0,
-        torch.tensor(1.0), False, False,
+    *_, no_grad = reference.forward(
+        logits,
+        target,
+        0.2,
+        score == "prob",
+        -100,
+        1.0,
+        0.0,
+        torch.tensor(1.0),
+        False,
+        False,
     )
     assert no_grad.shape == (0,)
 
@@ -209,8 +249,17 @@ def test_reference_forward_masks_out_of_range_targets_with_nan():
     # out-of-bounds read, NaN losses on that row, other rows unaffected.
     logits = torch.randn(3, 4, dtype=torch.float64)
     target = torch.tensor([1, 7, -3])
-    a_rows, n_rows, correct, grad = ra.reference_relaxed_argmax_forward(
-        logits, target, 0.2, False, -100, 1.0, 1.0, torch.tensor(1.0), True, True,
+    a_rows, n_rows, correct, _grad = reference.forward(
+        logits,
+        target,
+        0.2,
+        False,
+        -100,
+        1.0,
+        1.0,
+        torch.tensor(1.0),
+        True,
+        True,
     )
     assert math.isfinite(a_rows[0]) and math.isfinite(n_rows[0])
     assert torch.isnan(a_rows[1:]).all() and torch.isnan(n_rows[1:]).all()
@@ -236,7 +285,7 @@ def test_op_never_writes_the_callers_logits():
 
 def test_need_grad_follows_requires_grad_and_grad_mode(monkeypatch):
     seen = []
-    forward = ra._backend_forward("reference")
+    forward = implementation("relaxed_argmax", "reference")
 
     def recording_forward(*args):
         seen.append(args[8])  # need_grad
@@ -244,7 +293,7 @@ def test_need_grad_follows_requires_grad_and_grad_mode(monkeypatch):
         seen.append(tuple(out[3].shape))
         return out
 
-    monkeypatch.setattr(ra, "_backend_forward", lambda name: recording_forward)
+    monkeypatch.setattr(ra, "implementation", lambda op, name: recording_forward)
     logits, target = random_batch((3,), 5, seed=8)
     loss_on("op", logits, target, 0.2)
     with torch.no_grad():
@@ -259,8 +308,7 @@ def test_need_grad_follows_requires_grad_and_grad_mode(monkeypatch):
 @pytest.mark.parametrize("ignore_index", [-100, 0])
 @pytest.mark.parametrize("path", PATHS)
 def test_ignored_positions_are_skipped(path, ignore_index):
-    logits, target = random_batch((6, 5), 7, seed=9, ignore_index=ignore_index,
-                                  ignore_fraction=0.4)
+    logits, target = random_batch((6, 5), 7, seed=9, ignore_index=ignore_index, ignore_fraction=0.4)
     kept = target != ignore_index
     assert 0 < int(kept.sum()) < kept.numel()
     x = logits.clone().requires_grad_(True)
@@ -268,8 +316,9 @@ def test_ignored_positions_are_skipped(path, ignore_index):
     loss.backward()
     # mean over the non-ignored positions only
     sub = logits[kept]
-    want = ddf.relaxed_argmax_loss(sub, target[kept], 0.25, ignore_index=ignore_index,
-                                   backend="reference")
+    want = ddf.relaxed_argmax_loss(
+        sub, target[kept], 0.25, ignore_index=ignore_index, backend="reference"
+    )
     torch.testing.assert_close(loss.detach(), want, rtol=1e-12, atol=1e-12)
     assert torch.count_nonzero(x.grad[~kept]) == 0
     assert torch.count_nonzero(x.grad[kept]) > 0
@@ -410,8 +459,11 @@ def _good():
         (dict(target=torch.tensor([0.0, 4.0, 1.0])), TypeError, "int64"),
         (dict(target=torch.tensor([0, 4, 1], dtype=torch.int32)), TypeError, "int64"),
         (dict(logits=torch.randint(0, 3, (3, 5))), TypeError, "float"),
-        (dict(logits=torch.randn(3, 0), target=torch.zeros(3, dtype=torch.int64)),
-         ValueError, "vocabulary"),
+        (
+            dict(logits=torch.randn(3, 0), target=torch.zeros(3, dtype=torch.int64)),
+            ValueError,
+            "vocabulary",
+        ),
         (dict(logits=torch.randn(())), ValueError, "vocabulary"),
         (dict(target=torch.tensor([0, 4, -100], device="meta")), ValueError, "same device"),
         (dict(score="softmax"), ValueError, "score"),
@@ -424,12 +476,20 @@ def _good():
 @pytest.mark.parametrize("backend", ["reference", "auto"])
 def test_bad_input_raises_clear_error(change, error, match, backend):
     logits, target = _good()
-    kwargs = dict(logits=logits, target=target, tau=0.1, score="logit", reduction="mean",
-                  ignore_index=-100, backend=backend)
+    kwargs = dict(
+        logits=logits,
+        target=target,
+        tau=0.1,
+        score="logit",
+        reduction="mean",
+        ignore_index=-100,
+        backend=backend,
+    )
     kwargs.update(change)
     with pytest.raises(error, match=match):
-        ddf.relaxed_argmax_loss(kwargs.pop("logits"), kwargs.pop("target"), kwargs.pop("tau"),
-                                **kwargs)
+        ddf.relaxed_argmax_loss(
+            kwargs.pop("logits"), kwargs.pop("target"), kwargs.pop("tau"), **kwargs
+        )
 
 
 def test_op_path_checks_targets_too():
@@ -468,12 +528,14 @@ def test_module_matches_function_and_tau_is_settable():
     module = RelaxedArgmaxLoss(0.5, score="prob", reduction="sum", backend="reference")
     assert isinstance(module, torch.nn.Module)
     assert ddf.RelaxedArgmaxLoss is RelaxedArgmaxLoss
-    want = ddf.relaxed_argmax_loss(logits, target, 0.5, score="prob", reduction="sum",
-                                   backend="reference")
+    want = ddf.relaxed_argmax_loss(
+        logits, target, 0.5, score="prob", reduction="sum", backend="reference"
+    )
     assert torch.equal(module(logits, target), want)
     module.tau = 0.05  # a temperature schedule sets it each epoch
-    want = ddf.relaxed_argmax_loss(logits, target, 0.05, score="prob", reduction="sum",
-                                   backend="reference")
+    want = ddf.relaxed_argmax_loss(
+        logits, target, 0.05, score="prob", reduction="sum", backend="reference"
+    )
     assert torch.equal(module(logits, target), want)
     assert "tau=0.05" in repr(module)
     with pytest.raises(ValueError, match="strictly inside"):
@@ -506,8 +568,7 @@ def test_torch_compile_fullgraph_reference_path():
     logits, target = random_batch((3, 4), 7, seed=14, dtype=torch.float32)
 
     def fn(x, t):
-        a = ddf.relaxed_argmax_loss(x, t, 0.2, score="prob", reduction="none",
-                                    backend="reference")
+        a = ddf.relaxed_argmax_loss(x, t, 0.2, score="prob", reduction="none", backend="reference")
         b = ddf.decoder_loss(x, t, 0.2, nll_weight=0.5, backend="reference")
         return (a * torch.linspace(0.5, 1.5, 4)).sum() + b.loss + 0 * b.token_accuracy
 

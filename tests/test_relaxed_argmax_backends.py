@@ -17,6 +17,7 @@ backends used at most ~20% of their allowance, and typically a few percent.
   (small shapes: the interpreter is slow), and on CUDA tensors in
   float32/bfloat16/float16 when there is one.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,13 +30,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
-import ddvae_fast as ddf  # noqa: E402
-from ddvae_fast import relaxed_argmax as ra  # noqa: E402
-from ddvae_fast.backends import resolve_backend  # noqa: E402
+import ddvae_fast as ddf
+from ddvae_fast.backends import implementation, resolve_backend
+from ddvae_fast.loss import reference
 
 HAS_CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
@@ -53,8 +54,9 @@ COMPILED_CASES = [
     pytest.param("triton", "cuda", torch.float16, id="triton-cuda-f16", marks=needs_cuda),
 ]
 INTERPRETED_CASES = [
-    pytest.param("triton", "cpu", torch.float32, id="triton-interpreted-f32",
-                 marks=interpreted_only),
+    pytest.param(
+        "triton", "cpu", torch.float32, id="triton-interpreted-f32", marks=interpreted_only
+    ),
 ]
 ALL_CASES = COMPILED_CASES + INTERPRETED_CASES
 
@@ -73,14 +75,19 @@ ELEMENT_ULPS = 16.0
 SUM_ULPS = 4.0
 # Absolute floor: values below it are subnormal in the working precision
 # (GPU kernels may flush them to zero; float16 storage cannot hold them).
-ABS_FLOOR = {torch.float64: 1e-300, torch.float32: 1e-30, torch.bfloat16: 1e-30,
-             torch.float16: 6e-8}
+ABS_FLOOR = {
+    torch.float64: 1e-300,
+    torch.float32: 1e-30,
+    torch.bfloat16: 1e-30,
+    torch.float16: 6e-8,
+}
 
 
 def loss_and_grad(logits, target, tau, score, ignore_index, reduction, upstream, backend):
     x = logits.detach().clone().requires_grad_(True)
-    loss = ddf.relaxed_argmax_loss(x, target, tau, score=score, ignore_index=ignore_index,
-                                   reduction=reduction, backend=backend)
+    loss = ddf.relaxed_argmax_loss(
+        x, target, tau, score=score, ignore_index=ignore_index, reduction=reduction, backend=backend
+    )
     (grad,) = torch.autograd.grad(loss, x, upstream.to(device=loss.device, dtype=loss.dtype))
     return loss.detach(), grad
 
@@ -98,8 +105,8 @@ def inherent_errors(logits, target, tau, score, ignore_index, reduction, upstrea
     differ by about their sum, so the three-way test allows for them.
     """
     num_classes = logits.shape[-1]
-    valid, _, index = ra._safe_target(target, num_classes, ignore_index)
-    c = ra._log_odds(tau)
+    valid, _, index = reference._safe_target(target, num_classes, ignore_index)
+    c = reference.log_odds(tau)
     cols = torch.arange(num_classes)
     others = cols != index.unsqueeze(1)
     if score == "prob":
@@ -120,7 +127,8 @@ def inherent_errors(logits, target, tau, score, ignore_index, reduction, upstrea
     g_err = torch.where(others, g_err, g_err.sum(dim=1, keepdim=True))
     if score == "prob":
         g_err = p * (g_err + (p * g_err).sum(dim=1, keepdim=True)) + eps * p * (
-            g_abs + (p * g_abs).sum(dim=1, keepdim=True))
+            g_abs + (p * g_abs).sum(dim=1, keepdim=True)
+        )
     count = max(int(valid.sum()), 1)
     if reduction == "none":
         row_scale = upstream.abs()
@@ -128,7 +136,8 @@ def inherent_errors(logits, target, tau, score, ignore_index, reduction, upstrea
     else:
         row_scale = upstream.abs().expand(len(target)) / (count if reduction == "mean" else 1)
         loss_err = float(torch.where(valid, loss_rows, 0.0).sum()) / (
-            count if reduction == "mean" else 1)
+            count if reduction == "mean" else 1
+        )
     grad_err = g_err * (row_scale * valid).unsqueeze(1)
     return loss_err, float(grad_err.max()) if grad_err.numel() else 0.0
 
@@ -141,8 +150,9 @@ def max_error(value, truth) -> float:
     return float(torch.nan_to_num(err, nan=math.inf).max())
 
 
-def make_batch(num_rows, num_classes, *, scale, ignore_fraction, confident_fraction,
-               ignore_index, seed):
+def make_batch(
+    num_rows, num_classes, *, scale, ignore_fraction, confident_fraction, ignore_index, seed
+):
     gen = torch.Generator().manual_seed(seed)
     logits = scale * torch.randn(num_rows, num_classes, generator=gen, dtype=torch.float64)
     target = torch.randint(0, num_classes, (num_rows,), generator=gen)
@@ -156,12 +166,31 @@ def make_batch(num_rows, num_classes, *, scale, ignore_fraction, confident_fract
     return logits, target
 
 
-def check_three_way(backend, device, dtype, *, num_rows, num_classes, tau, score, reduction,
-                    ignore_index, ignore_fraction, confident_fraction, scale, seed):
-    logits64, target = make_batch(num_rows, num_classes, scale=scale,
-                                  ignore_fraction=ignore_fraction,
-                                  confident_fraction=confident_fraction,
-                                  ignore_index=ignore_index, seed=seed)
+def check_three_way(
+    backend,
+    device,
+    dtype,
+    *,
+    num_rows,
+    num_classes,
+    tau,
+    score,
+    reduction,
+    ignore_index,
+    ignore_fraction,
+    confident_fraction,
+    scale,
+    seed,
+):
+    logits64, target = make_batch(
+        num_rows,
+        num_classes,
+        scale=scale,
+        ignore_fraction=ignore_fraction,
+        confident_fraction=confident_fraction,
+        ignore_index=ignore_index,
+        seed=seed,
+    )
     # Everyone starts from the same dtype-rounded logits (finite in float16 too).
     bound = torch.finfo(dtype).max / 4
     logits = logits64.clamp(-bound, bound).to(dtype)
@@ -172,15 +201,17 @@ def check_three_way(backend, device, dtype, *, num_rows, num_classes, tau, score
     else:
         upstream = torch.tensor(0.75, dtype=torch.float64)
 
-    truth = loss_and_grad(truth_logits, target, tau, score, ignore_index, reduction, upstream,
-                          "reference")
+    truth = loss_and_grad(
+        truth_logits, target, tau, score, ignore_index, reduction, upstream, "reference"
+    )
     on_device = logits.to(device), target.to(device)
     plain = loss_and_grad(*on_device, tau, score, ignore_index, reduction, upstream, "reference")
     fast = loss_and_grad(*on_device, tau, score, ignore_index, reduction, upstream, backend)
     # working precision of the computation: float32 for every input but float64
     compute_eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
-    inherent = inherent_errors(truth_logits, target, tau, score, ignore_index, reduction,
-                               upstream, compute_eps)
+    inherent = inherent_errors(
+        truth_logits, target, tau, score, ignore_index, reduction, upstream, compute_eps
+    )
 
     assert fast[0].dtype == plain[0].dtype and fast[0].shape == plain[0].shape
     assert fast[1].dtype == dtype and fast[1].shape == logits.shape
@@ -240,9 +271,21 @@ def test_three_way_error_triton_interpreted(backend, device, dtype, data):
 def test_extreme_values_three_way(backend, device, dtype, score):
     # tau = 1e-4 with logits of magnitude 1e4: |z| ~ 2e8, nothing may overflow.
     for tau in (1e-4, 0.999):
-        check_three_way(backend, device, dtype, num_rows=33, num_classes=37, tau=tau,
-                        score=score, reduction="none", ignore_index=-100, ignore_fraction=0.1,
-                        confident_fraction=0.3, scale=1e4, seed=7)
+        check_three_way(
+            backend,
+            device,
+            dtype,
+            num_rows=33,
+            num_classes=37,
+            tau=tau,
+            score=score,
+            reduction="none",
+            ignore_index=-100,
+            ignore_fraction=0.1,
+            confident_fraction=0.3,
+            scale=1e4,
+            seed=7,
+        )
 
 
 # ------------------------------------------------------ decoder_loss ----
@@ -258,8 +301,9 @@ def test_extreme_values_three_way(backend, device, dtype, score):
     nll_weight=st.sampled_from([0.0, 0.5]),
     seed=st.integers(0, 2**20),
 )
-def test_decoder_statistics_agree_with_reference(backend, device, dtype, batch, length, vocab,
-                                                 score, nll_weight, seed):
+def test_decoder_statistics_agree_with_reference(
+    backend, device, dtype, batch, length, vocab, score, nll_weight, seed
+):
     gen = torch.Generator().manual_seed(seed)
     # small integers: ties (wrong tokens) and unique maxima both occur
     logits = torch.randint(-2, 3, (batch, length, vocab), generator=gen).to(dtype)
@@ -283,8 +327,9 @@ def test_decoder_statistics_agree_with_reference(backend, device, dtype, batch, 
     # elementwise math in the input dtype, hence a dtype-sized tolerance
     tol = {torch.float64: 1e-12, torch.float32: 1e-5}.get(dtype, 2e-2)
     for name in ("loss", "argmax_loss", "nll"):
-        torch.testing.assert_close(getattr(fast, name).detach(), getattr(ref, name).detach(),
-                                   rtol=tol, atol=tol)
+        torch.testing.assert_close(
+            getattr(fast, name).detach(), getattr(ref, name).detach(), rtol=tol, atol=tol
+        )
     torch.testing.assert_close(fast_grad.double(), ref_grad.double(), rtol=tol, atol=tol)
 
 
@@ -292,7 +337,7 @@ def test_decoder_statistics_agree_with_reference(backend, device, dtype, batch, 
 
 
 def _forward(backend):
-    return ra._backend_forward(backend)
+    return implementation("relaxed_argmax", backend)
 
 
 @pytest.mark.parametrize("backend, device, dtype", ALL_CASES)
@@ -308,29 +353,32 @@ def test_raw_forward_matches_reference_forward(backend, device, dtype):
     before = logits.clone()
     scale = torch.tensor(0.125, device=device)
     for prob_mode in (False, True):
-        want = ra.reference_relaxed_argmax_forward(logits, target, 0.3, prob_mode, -100, 0.6,
-                                                   0.4, scale, True, True)
-        got = _forward(backend)(logits, target, 0.3, prob_mode, -100, 0.6, 0.4, scale, True,
-                                True)
+        want = reference.forward(logits, target, 0.3, prob_mode, -100, 0.6, 0.4, scale, True, True)
+        got = _forward(backend)(logits, target, 0.3, prob_mode, -100, 0.6, 0.4, scale, True, True)
         tol = 1e-12 if dtype == torch.float64 else 1e-5
         for w, g in zip(want[:2], got[:2]):
             torch.testing.assert_close(g, w, rtol=tol, atol=tol)
         assert torch.equal(got[2], want[2])
-        torch.testing.assert_close(got[3].float(), want[3].float(),
-                                   rtol=tol if dtype in (torch.float32, torch.float64) else 1e-2,
-                                   atol=tol if dtype in (torch.float32, torch.float64) else 1e-2)
+        torch.testing.assert_close(
+            got[3].float(),
+            want[3].float(),
+            rtol=tol if dtype in (torch.float32, torch.float64) else 1e-2,
+            atol=tol if dtype in (torch.float32, torch.float64) else 1e-2,
+        )
         assert got[3].is_contiguous() and got[3].dtype == dtype
     assert torch.equal(logits, before)  # the caller's logits are never written
     # need_grad=False: no gradient buffer; need_nll=False: zero nll rows
-    a_rows, nll_rows, _, grad = _forward(backend)(logits, target, 0.3, False, -100, 1.0, 0.0,
-                                                   scale, False, False)
+    a_rows, nll_rows, _, grad = _forward(backend)(
+        logits, target, 0.3, False, -100, 1.0, 0.0, scale, False, False
+    )
     assert grad.shape == (0,) and torch.count_nonzero(nll_rows) == 0
     torch.testing.assert_close(a_rows, want_rows(logits, target), rtol=1e-5, atol=1e-5)
 
 
 def want_rows(logits, target):
-    return ra.reference_relaxed_argmax_forward(logits, target, 0.3, False, -100, 1.0, 0.0,
-                                               torch.tensor(1.0), False, False)[0]
+    return reference.forward(
+        logits, target, 0.3, False, -100, 1.0, 0.0, torch.tensor(1.0), False, False
+    )[0]
 
 
 @pytest.mark.parametrize("backend, device, dtype", ALL_CASES)
@@ -339,8 +387,9 @@ def test_raw_forward_out_of_range_target_gives_nan_not_a_crash(backend, device, 
     # masked load and NaN losses on that row, other rows unaffected.
     logits = torch.randn(4, 6).to(dtype).to(device)
     target = torch.tensor([1, 6, -5, 2], device=device)
-    a_rows, nll_rows, _, _ = _forward(backend)(logits, target, 0.2, False, -100, 1.0, 1.0,
-                                               torch.tensor(1.0, device=device), True, True)
+    a_rows, nll_rows, _, _ = _forward(backend)(
+        logits, target, 0.2, False, -100, 1.0, 1.0, torch.tensor(1.0, device=device), True, True
+    )
     assert torch.isnan(a_rows[1:3]).all() and torch.isnan(nll_rows[1:3]).all()
     assert torch.isfinite(a_rows[[0, 3]]).all() and torch.isfinite(nll_rows[[0, 3]]).all()
 
@@ -361,10 +410,26 @@ def test_non_contiguous_inputs_through_the_api(backend, device, dtype):
     for view in views:
         assert not view.is_contiguous()
         for score in SCORES:
-            a = loss_and_grad(view, target, 0.2, score, -100, "none",
-                              torch.linspace(-1, 1, 24).reshape(3, 2, 4), backend)
-            b = loss_and_grad(view.contiguous(), target, 0.2, score, -100, "none",
-                              torch.linspace(-1, 1, 24).reshape(3, 2, 4), backend)
+            a = loss_and_grad(
+                view,
+                target,
+                0.2,
+                score,
+                -100,
+                "none",
+                torch.linspace(-1, 1, 24).reshape(3, 2, 4),
+                backend,
+            )
+            b = loss_and_grad(
+                view.contiguous(),
+                target,
+                0.2,
+                score,
+                -100,
+                "none",
+                torch.linspace(-1, 1, 24).reshape(3, 2, 4),
+                backend,
+            )
             assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 

@@ -21,6 +21,7 @@ a correct sampler a given seed fails with probability 1e-3, and at n = 20000
 the test still rejects any CDF error above ~0.014 (the critical D), far below
 the distance between any two of the kernels (>= 0.03).
 """
+
 import math
 
 import numpy as np
@@ -33,8 +34,8 @@ from scipy import integrate, stats
 
 import ddvae_fast as ddf
 from ddvae_fast import _sampler as cpp  # fails collection, not skips, if the build is missing
-from ddvae_fast.sampler import TRANSFORM_KERNELS, RejectionSampler
-from ddvae_fast.smoothing_kernels import KERNELS, PROPOSALS, SMOOTHING_KERNELS
+from ddvae_fast.distributions.smoothing import KERNELS, PROPOSALS, SMOOTHING_KERNELS
+from ddvae_fast.sampling.sampler import TRANSFORM_KERNELS, RejectionSampler
 
 BACKENDS = ("reference", "cpp")
 KS_P = 1e-3
@@ -56,7 +57,12 @@ def philox_numpy(blocks: np.ndarray, seed: int) -> np.ndarray:
     for _ in range(10):
         p0 = np.uint64(0xD2511F53) * c0
         p1 = np.uint64(0xCD9E8D57) * c2
-        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & MASK32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & MASK32
+        c0, c1, c2, c3 = (
+            (p1 >> np.uint64(32)) ^ c1 ^ k0,
+            p1 & MASK32,
+            (p0 >> np.uint64(32)) ^ c3 ^ k1,
+            p0 & MASK32,
+        )
         k0 = (k0 + np.uint64(0x9E3779B9)) & MASK32
         k1 = (k1 + np.uint64(0xBB67AE85)) & MASK32
     return np.stack([c0, c1, c2, c3], axis=1).astype(np.uint32)
@@ -89,8 +95,15 @@ def expected_transform_stream(name, seed, n_blocks):
         u1 = ((w[:, [0, 2]].astype(np.int64) >> 8) + 1) * 2.0**-24
         theta = 2 * np.pi * unit64(w[:, [1, 3]])
         r = np.sqrt(-2 * np.log(u1))
-        return np.stack([r[:, 0] * np.cos(theta[:, 0]), r[:, 0] * np.sin(theta[:, 0]),
-                         r[:, 1] * np.cos(theta[:, 1]), r[:, 1] * np.sin(theta[:, 1])], axis=1).reshape(-1)
+        return np.stack(
+            [
+                r[:, 0] * np.cos(theta[:, 0]),
+                r[:, 0] * np.sin(theta[:, 0]),
+                r[:, 1] * np.cos(theta[:, 1]),
+                r[:, 1] * np.sin(theta[:, 1]),
+            ],
+            axis=1,
+        ).reshape(-1)
     x = sym64(w)
     if name == "uniform":
         return x.reshape(-1)
@@ -108,8 +121,11 @@ def expected_transform_stream(name, seed, n_blocks):
 PHILOX_KAT = [
     ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
     ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
-    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
-     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
 ]
 
 
@@ -121,18 +137,34 @@ def test_philox_known_answers(counter, key, expected):
 def test_numpy_philox_matches_the_cpp_one():
     seed = 0x1234_5678_9ABC_DEF0
     blocks = np.array([0, 1, 2**32 - 1, 2**32, 2**40 + 3], dtype=np.uint64)
-    got = [cpp.philox4x32_10(int(b) & 0xFFFFFFFF, int(b) >> 32, 0, 0, seed & 0xFFFFFFFF, seed >> 32)
-           for b in blocks]
+    got = [
+        cpp.philox4x32_10(int(b) & 0xFFFFFFFF, int(b) >> 32, 0, 0, seed & 0xFFFFFFFF, seed >> 32)
+        for b in blocks
+    ]
     assert np.array_equal(philox_numpy(blocks, seed), np.array(got, dtype=np.uint32))
 
 
-def raw_refill(method, name, seed, first_block, n_blocks, need, simd="auto", threads=2, park_all=False):
+def raw_refill(
+    method, name, seed, first_block, n_blocks, need, simd="auto", threads=2, park_all=False
+):
     per = cpp.draws_per_block(method, name)
     out = torch.full((need,), float("nan"))
     buf = torch.full((max(n_blocks * per - need, 1),), float("nan"))
-    kept = cpp.refill(method, name, seed, first_block, n_blocks, out.data_ptr(), need, buf.data_ptr(),
-                      buf.numel(), threads, simd, park_all)
-    return torch.cat([out[:min(kept, need)], buf[:max(kept - need, 0)]])
+    kept = cpp.refill(
+        method,
+        name,
+        seed,
+        first_block,
+        n_blocks,
+        out.data_ptr(),
+        need,
+        buf.data_ptr(),
+        buf.numel(),
+        threads,
+        simd,
+        park_all,
+    )
+    return torch.cat([out[: min(kept, need)], buf[: max(kept - need, 0)]])
 
 
 @pytest.mark.parametrize("name", KERNELS)
@@ -142,7 +174,9 @@ def test_cpp_rejection_stream_matches_numpy_definition(name):
     seed, first, n_blocks = 987654321987, 2**32 - 1500, 3001
     expected = expected_rejection_stream(name, seed, first, n_blocks)
     for simd in cpp.simd_levels():
-        got = raw_refill("rejection", name, seed, first, n_blocks, need=len(expected) // 2, simd=simd)
+        got = raw_refill(
+            "rejection", name, seed, first, n_blocks, need=len(expected) // 2, simd=simd
+        )
         assert got.dtype == torch.float32
         # u is exact in float32; the float32 accept test could only disagree with
         # the float64 one within ~1e-7 of the boundary (not hit with this seed).
@@ -162,8 +196,8 @@ def test_cpp_transform_stream_matches_numpy_definition(name):
     np.testing.assert_allclose(got, expected, rtol=0, atol=atol)
 
 
-def test_draws_per_block_agrees_with_python():
-    from ddvae_fast.sampler import _draws_per_block
+def test_draws_per_block_agrees_between_cpp_and_triton():
+    from ddvae_fast.kernels.rejection_sampler import draws_per_block as _draws_per_block
 
     for name in KERNELS:
         assert cpp.draws_per_block("rejection", name) == _draws_per_block("rejection", name)
@@ -182,8 +216,12 @@ def test_cpp_accept_shape_is_pdf_over_k0(name):
     torch.testing.assert_close(g.double(), expected, rtol=0, atol=5e-7)
 
 
-@pytest.mark.parametrize("method,name", [("rejection", n) for n in KERNELS]
-                         + [("transform", n) for n in TRANSFORM_KERNELS] + [("gaussian", "gaussian")])
+@pytest.mark.parametrize(
+    "method,name",
+    [("rejection", n) for n in KERNELS]
+    + [("transform", n) for n in TRANSFORM_KERNELS]
+    + [("gaussian", "gaussian")],
+)
 def test_cpp_simd_and_scalar_paths_are_bit_identical(method, name):
     if "avx512" not in cpp.simd_levels():
         pytest.skip("no AVX-512 on this CPU: only the scalar path exists")
@@ -198,9 +236,13 @@ def test_cpp_draws_do_not_depend_on_threads_or_placement_path(threads, park_all)
     # blocks per thread); park_all sends every tile through the parking path.
     n_blocks, need = 300_001, 400_000
     expected = raw_refill("rejection", "tricube", 5, 7, n_blocks, need=need, threads=1)
-    got = raw_refill("rejection", "tricube", 5, 7, n_blocks, need=need, threads=threads, park_all=park_all)
+    got = raw_refill(
+        "rejection", "tricube", 5, 7, n_blocks, need=need, threads=threads, park_all=park_all
+    )
     assert torch.equal(got, expected)
-    assert np.array_equal(expected.double().numpy(), expected_rejection_stream("tricube", 5, 7, n_blocks))
+    assert np.array_equal(
+        expected.double().numpy(), expected_rejection_stream("tricube", 5, 7, n_blocks)
+    )
 
 
 def test_cpp_repeated_and_concurrent_refills_are_identical():
@@ -211,11 +253,15 @@ def test_cpp_repeated_and_concurrent_refills_are_identical():
 
     expected = raw_refill("rejection", "cosine", 9, 0, 200_000, need=250_000, threads=1)
     for _ in range(20):
-        assert torch.equal(raw_refill("rejection", "cosine", 9, 0, 200_000, need=250_000, threads=4), expected)
+        assert torch.equal(
+            raw_refill("rejection", "cosine", 9, 0, 200_000, need=250_000, threads=4), expected
+        )
     results = [None] * 4
 
     def run(i):
-        results[i] = raw_refill("rejection", "cosine", 9, 0, 200_000, need=250_000, threads=3, park_all=i % 2 == 1)
+        results[i] = raw_refill(
+            "rejection", "cosine", 9, 0, 200_000, need=250_000, threads=3, park_all=i % 2 == 1
+        )
 
     workers = [threading.Thread(target=run, args=(i,)) for i in range(4)]
     for w in workers:
@@ -232,7 +278,9 @@ def test_cpp_math_helpers_are_accurate():
     cpp.math_values("log", x.data_ptr(), y.data_ptr(), y2.data_ptr(), x.numel())
     ref = np.log(x.double().numpy())
     # Cephes logf: within 2 float32 ulp of the true value (relative 2.4e-7).
-    assert np.all(np.abs(y.double().numpy() - ref) <= 2.4e-7 * np.maximum(np.abs(ref), 1e-30) + 1e-12)
+    assert np.all(
+        np.abs(y.double().numpy() - ref) <= 2.4e-7 * np.maximum(np.abs(ref), 1e-30) + 1e-12
+    )
     t = torch.arange(0, 2**24, 97, dtype=torch.float32) * 2.0**-24
     y, y2 = torch.empty_like(t), torch.empty_like(t)
     cpp.math_values("sincos_two_pi", t.data_ptr(), y.data_ptr(), y2.data_ptr(), t.numel())
@@ -249,7 +297,9 @@ def fourth_moment(name):
 
 
 def kernel_cdf(name):
-    return lambda x: SMOOTHING_KERNELS[name].cdf(torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
+    return lambda x: (
+        SMOOTHING_KERNELS[name].cdf(torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
+    )
 
 
 def check_distribution(name, x):
@@ -269,8 +319,13 @@ def check_distribution(name, x):
 @pytest.mark.parametrize("name", PROPOSALS)
 def test_rejection_distribution(name, backend):
     sampler = RejectionSampler(name, seed=2024, backend=backend)
-    x = torch.cat([sampler.sample((N_KS // 4,)), sampler.sample((50, N_KS // 200)).reshape(-1),
-                   sampler.sample(N_KS // 2)])
+    x = torch.cat(
+        [
+            sampler.sample((N_KS // 4,)),
+            sampler.sample((50, N_KS // 200)).reshape(-1),
+            sampler.sample(N_KS // 2),
+        ]
+    )
     assert x.dtype == torch.float32
     check_distribution(name, x)
 
@@ -314,7 +369,10 @@ def test_buffer_accounting_over_many_small_calls(name, backend):
     # Nothing accepted is thrown away: served + buffered ~ Binomial(candidates, 1/(2 K0)).
     a = 1 / (2 * k0)
     kept = n + sampler.buffered
-    assert abs(kept - sampler.candidates_drawn * a) <= 5 * math.sqrt(sampler.candidates_drawn * a * (1 - a)) + 1
+    assert (
+        abs(kept - sampler.candidates_drawn * a)
+        <= 5 * math.sqrt(sampler.candidates_drawn * a * (1 - a)) + 1
+    )
 
 
 @pytest.mark.parametrize("name", KERNELS)
@@ -345,8 +403,11 @@ def test_buffer_serves_small_calls_without_refill(backend):
 
 
 @settings(max_examples=15, deadline=None)
-@given(sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=6),
-       name=st.sampled_from(PROPOSALS), method=st.sampled_from(("rejection", "transform")))
+@given(
+    sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=6),
+    name=st.sampled_from(PROPOSALS),
+    method=st.sampled_from(("rejection", "transform")),
+)
 def test_cpp_draws_do_not_depend_on_how_they_are_requested(sizes, name, method):
     if method == "transform" and name not in TRANSFORM_KERNELS + ("gaussian",):
         method = "rejection"
@@ -369,8 +430,10 @@ def test_same_seed_same_draws_other_seed_other_draws(name, backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("name,method", [(n, "rejection") for n in PROPOSALS]
-                         + [(n, "transform") for n in TRANSFORM_KERNELS])
+@pytest.mark.parametrize(
+    "name,method",
+    [(n, "rejection") for n in PROPOSALS] + [(n, "transform") for n in TRANSFORM_KERNELS],
+)
 def test_state_dict_resumes_the_uninterrupted_stream(name, method, backend):
     straight = RejectionSampler(name, seed=31, backend=backend, method=method)
     interrupted = RejectionSampler(name, seed=31, backend=backend, method=method)
@@ -379,7 +442,9 @@ def test_state_dict_resumes_the_uninterrupted_stream(name, method, backend):
         interrupted.sample(size)
     state = interrupted.state_dict()
     expected = [straight.sample(s) for s in (5, 1000, 3)]
-    resumed = RejectionSampler(name, seed=999, backend=backend, method=method)  # seed comes from the state
+    resumed = RejectionSampler(
+        name, seed=999, backend=backend, method=method
+    )  # seed comes from the state
     resumed.load_state_dict(state)
     assert resumed.seed == 31
     assert resumed.buffered == interrupted.buffered
@@ -408,7 +473,9 @@ def test_load_state_dict_rejects_a_foreign_state():
         with pytest.raises(ValueError, match=key):
             RejectionSampler("quartic", seed=1, backend="cpp").load_state_dict({**state, key: bad})
     with pytest.raises(ValueError, match="buffer"):
-        RejectionSampler("quartic", seed=1, backend="cpp").load_state_dict({**state, "buffer": torch.zeros(3).double()})
+        RejectionSampler("quartic", seed=1, backend="cpp").load_state_dict(
+            {**state, "buffer": torch.zeros(3).double()}
+        )
 
 
 def test_seed_none_follows_torch_manual_seed():
@@ -425,7 +492,9 @@ def test_large_seed_uses_both_key_words():
     a = RejectionSampler("triweight", seed=2**64 - 1, backend="cpp").sample(1000)
     b = RejectionSampler("triweight", seed=2**32 - 1, backend="cpp").sample(1000)
     assert not torch.equal(a, b)
-    assert np.array_equal(a.double().numpy(), expected_rejection_stream("triweight", 2**64 - 1, 0, 2000)[:1000])
+    assert np.array_equal(
+        a.double().numpy(), expected_rejection_stream("triweight", 2**64 - 1, 0, 2000)[:1000]
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -448,8 +517,11 @@ def test_shapes(shape):
 # ------------------------------------------------------------------ rsample
 @pytest.mark.parametrize("backend", BACKENDS)
 @settings(max_examples=20, deadline=None)
-@given(shapes=mutually_broadcastable_shapes(num_shapes=2, max_dims=3, max_side=4),
-       name=st.sampled_from(PROPOSALS), dtype=st.sampled_from([torch.float32, torch.float64]))
+@given(
+    shapes=mutually_broadcastable_shapes(num_shapes=2, max_dims=3, max_side=4),
+    name=st.sampled_from(PROPOSALS),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
 def test_rsample_values_and_gradients(backend, shapes, name, dtype):
     mu_shape, sigma_shape = shapes.input_shapes
     gen = torch.Generator().manual_seed(0)
@@ -461,10 +533,13 @@ def test_rsample_values_and_gradients(backend, shapes, name, dtype):
     # z against float64 mu + sigma eps: one rounding (addcmul may fuse) of terms of
     # magnitude |mu| + |sigma eps|, so within one ulp of that.
     exact = mu.detach().double() + sigma.detach().double() * eps.double()
-    ulp = torch.finfo(dtype).eps * (mu.detach().double().abs() + (sigma.detach().double() * eps.double()).abs())
+    ulp = torch.finfo(dtype).eps * (
+        mu.detach().double().abs() + (sigma.detach().double() * eps.double()).abs()
+    )
     assert torch.all((z.detach().double() - exact).abs() <= ulp)
     weight = torch.randn(z.shape, generator=gen, dtype=dtype)
     (z * weight).sum().backward()
+
     # Independent reduction: sum the leading axes, then the axes where the input had size 1.
     def reduce_to(t, shape):
         lead = t.dim() - len(shape)
@@ -571,8 +646,17 @@ def test_constructor_errors():
         RejectionSampler("uniform", device="nonsense")
 
 
-@pytest.mark.parametrize("shape,exc", [((-1, 3), ValueError), (-2, ValueError), ((2.5,), TypeError),
-                                       ("12", TypeError), (None, TypeError), (True, TypeError)])
+@pytest.mark.parametrize(
+    "shape,exc",
+    [
+        ((-1, 3), ValueError),
+        (-2, ValueError),
+        ((2.5,), TypeError),
+        ("12", TypeError),
+        (None, TypeError),
+        (True, TypeError),
+    ],
+)
 def test_bad_shapes(shape, exc):
     with pytest.raises(exc):
         RejectionSampler("uniform", seed=1, backend="cpp").sample(shape)

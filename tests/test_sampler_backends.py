@@ -11,6 +11,7 @@ are launched without FMA contraction.
 KS threshold p > 1e-3 with fixed seeds (deterministic; see tests/test_sampler.py
 for the power argument, here at n = 3000 the critical D is ~0.036).
 """
+
 import os
 
 # Interpret the Triton kernels on CPU tensors, unless asked (DDVAE_TRITON_COMPILED=1,
@@ -18,17 +19,17 @@ import os
 if os.environ.get("DDVAE_TRITON_COMPILED") != "1":
     os.environ["TRITON_INTERPRET"] = "1"
 
-import math  # noqa: E402
+import math
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
-from scipy import stats  # noqa: E402
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy import stats
 
-from ddvae_fast.sampler import TRANSFORM_KERNELS, RejectionSampler  # noqa: E402
-from ddvae_fast.smoothing_kernels import KERNELS, PROPOSALS, SMOOTHING_KERNELS  # noqa: E402
+from ddvae_fast.distributions.smoothing import KERNELS, PROPOSALS, SMOOTHING_KERNELS
+from ddvae_fast.sampling.sampler import TRANSFORM_KERNELS, RejectionSampler
 
 KS_P = 1e-3
 N = 3000  # interpreted Triton: a few thousand draws per test
@@ -38,7 +39,9 @@ DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 
 
 def kernel_cdf(name):
-    return lambda x: SMOOTHING_KERNELS[name].cdf(torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
+    return lambda x: (
+        SMOOTHING_KERNELS[name].cdf(torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
+    )
 
 
 def check_distribution(name, x):
@@ -55,13 +58,17 @@ def check_distribution(name, x):
 
 
 def sampler(name, backend="triton", **kw):
-    return RejectionSampler(name, backend=backend, device=DEVICE if backend != "cpp" else "cpu", **kw)
+    return RejectionSampler(
+        name, backend=backend, device=DEVICE if backend != "cpp" else "cpu", **kw
+    )
 
 
 @pytest.mark.parametrize("name", PROPOSALS)
 def test_triton_rejection_distribution(name):
     s = sampler(name, seed=2024)
-    x = torch.cat([s.sample(N // 3), s.sample((N // 3 // 10, 10)).reshape(-1), s.sample(N - 2 * (N // 3))])
+    x = torch.cat(
+        [s.sample(N // 3), s.sample((N // 3 // 10, 10)).reshape(-1), s.sample(N - 2 * (N // 3))]
+    )
     assert x.device.type == DEVICE and x.dtype == torch.float32
     check_distribution(name, x)
 
@@ -73,8 +80,10 @@ def test_triton_transform_distribution(name):
     assert s.candidates_drawn == N + s.buffered and s.buffered < 4
 
 
-@pytest.mark.parametrize("method,name", [("rejection", n) for n in PROPOSALS]
-                         + [("transform", n) for n in TRANSFORM_KERNELS])
+@pytest.mark.parametrize(
+    "method,name",
+    [("rejection", n) for n in PROPOSALS] + [("transform", n) for n in TRANSFORM_KERNELS],
+)
 def test_triton_equals_cpp_bit_for_bit(method, name):
     # Uneven call sizes: the buffers, refill sizes and stream positions must agree too.
     t = sampler(name, seed=2**40 + 7, method=method)
@@ -98,8 +107,10 @@ def test_triton_counter_crosses_the_32_bit_boundary():
 @pytest.mark.parametrize("name", PROPOSALS)
 def test_backends_agree_in_distribution(name):
     # Two-sample KS between independent streams of every pair of backends.
-    x = {b: sampler(name, backend=b, seed=500 + i).sample(N).cpu().numpy()
-         for i, b in enumerate(("reference", "cpp", "triton"))}
+    x = {
+        b: sampler(name, backend=b, seed=500 + i).sample(N).cpu().numpy()
+        for i, b in enumerate(("reference", "cpp", "triton"))
+    }
     assert stats.ks_2samp(x["triton"], x["reference"]).pvalue > KS_P
     assert stats.ks_2samp(x["triton"], x["cpp"]).pvalue > KS_P
     assert stats.ks_2samp(x["cpp"], x["reference"]).pvalue > KS_P
@@ -114,10 +125,14 @@ def test_triton_reproducible_by_seed(name):
     assert not torch.equal(x, z)
 
 
-@pytest.mark.parametrize("name,method", [(n, "rejection") for n in PROPOSALS]
-                         + [("cosine", "transform")])
+@pytest.mark.parametrize(
+    "name,method", [(n, "rejection") for n in PROPOSALS] + [("cosine", "transform")]
+)
 def test_triton_state_dict_resumes(name, method):
-    straight, interrupted = sampler(name, seed=31, method=method), sampler(name, seed=31, method=method)
+    straight, interrupted = (
+        sampler(name, seed=31, method=method),
+        sampler(name, seed=31, method=method),
+    )
     for s in (straight, interrupted):
         s.sample(300)
     state = interrupted.state_dict()
@@ -137,7 +152,10 @@ def test_triton_buffer_accounting(name):
     n, k0 = calls * size, SMOOTHING_KERNELS[name].k0
     assert abs(s.candidates_drawn - n * 2 * k0) < 0.05 * n * 2 * k0
     a = 1 / (2 * k0)
-    assert abs(n + s.buffered - s.candidates_drawn * a) <= 5 * math.sqrt(s.candidates_drawn * a * (1 - a)) + 1
+    assert (
+        abs(n + s.buffered - s.candidates_drawn * a)
+        <= 5 * math.sqrt(s.candidates_drawn * a * (1 - a)) + 1
+    )
 
 
 @settings(max_examples=8, deadline=None)

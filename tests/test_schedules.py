@@ -18,8 +18,13 @@ def test_linear_schedule_matches_interpolation(start, end, duration, step):
 
 
 @settings(max_examples=60, deadline=None)
-@given(start=finite, end=finite, duration=st.integers(1, 500), begin=st.integers(0, 50),
-       step=st.floats(-10, 1000))
+@given(
+    start=finite,
+    end=finite,
+    duration=st.integers(1, 500),
+    begin=st.integers(0, 50),
+    step=st.floats(-10, 1000),
+)
 def test_log_linear_schedule_is_linear_in_log_space(start, end, duration, begin, step):
     sched = ddf.LogLinearSchedule(start, end, duration, begin=begin)
     frac = min(max((step - begin) / duration, 0.0), 1.0)

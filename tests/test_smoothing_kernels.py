@@ -5,6 +5,7 @@ mu = 0, sigma = 1) written out again here in NumPy; every derived constant (mass
 K(0), variance, entropy, CDF) is checked by scipy quadrature of the density, and
 the closed forms against the numbers in shared/paper/NOTES.md. All float64.
 """
+
 import math
 
 import numpy as np
@@ -15,7 +16,7 @@ from hypothesis import strategies as st
 from scipy import integrate
 from scipy.special import xlogy
 
-from ddvae_fast.smoothing_kernels import KERNELS, PROPOSALS, SMOOTHING_KERNELS, get_kernel
+from ddvae_fast.distributions.smoothing import KERNELS, PROPOSALS, SMOOTHING_KERNELS, get_kernel
 
 # Table 1 of the paper, density column at mu = 0, sigma = 1 (zero outside [-1, 1]).
 TABLE1_DENSITY = {
@@ -32,18 +33,31 @@ TABLE1_DENSITY = {
 # shared/paper/NOTES.md: Var(K)/2 and -H(K) (quadrature-checked to 1e-6 there),
 # and the acceptance rate 1/(2 K(0)).
 NOTES_HALF_VARIANCE = {
-    "uniform": 1 / 6, "triangular": 1 / 12, "epanechnikov": 1 / 10, "quartic": 1 / 14,
-    "triweight": 1 / 18, "tricube": 35 / 486, "cosine": 1 / 2 - 4 / math.pi**2,
+    "uniform": 1 / 6,
+    "triangular": 1 / 12,
+    "epanechnikov": 1 / 10,
+    "quartic": 1 / 14,
+    "triweight": 1 / 18,
+    "tricube": 35 / 486,
+    "cosine": 1 / 2 - 4 / math.pi**2,
 }
 NOTES_NEG_ENTROPY = {
-    "uniform": -math.log(2), "triangular": -1 / 2, "epanechnikov": -5 / 3 + math.log(3),
-    "quartic": -47 / 15 + math.log(15), "triweight": -319 / 70 + math.log(70),
+    "uniform": -math.log(2),
+    "triangular": -1 / 2,
+    "epanechnikov": -5 / 3 + math.log(3),
+    "quartic": -47 / 15 + math.log(15),
+    "triweight": -319 / 70 + math.log(70),
     "tricube": math.pi * math.sqrt(3) / 2 - 1111 / 140 + math.log(70 * math.sqrt(3)),
     "cosine": -1 + math.log(math.pi / 2),
 }
 NOTES_ACCEPTANCE = {
-    "uniform": 1.0, "triangular": 0.5, "epanechnikov": 2 / 3, "quartic": 8 / 15,
-    "triweight": 16 / 35, "tricube": 81 / 140, "cosine": 2 / math.pi,
+    "uniform": 1.0,
+    "triangular": 0.5,
+    "epanechnikov": 2 / 3,
+    "quartic": 8 / 15,
+    "triweight": 16 / 35,
+    "tricube": 81 / 140,
+    "cosine": 2 / math.pi,
 }
 
 # quad on these smooth pieces reaches ~1e-15 absolute; 1e-12 leaves room for the
@@ -74,10 +88,16 @@ def integrate_kernel(name, f):
 
 def test_registry_lists_the_eight_proposals():
     assert PROPOSALS == (
-        "uniform", "triangular", "epanechnikov", "quartic", "triweight", "tricube",
-        "cosine", "gaussian",
+        "uniform",
+        "triangular",
+        "epanechnikov",
+        "quartic",
+        "triweight",
+        "tricube",
+        "cosine",
+        "gaussian",
     )
-    assert KERNELS == PROPOSALS[:-1]
+    assert PROPOSALS[:-1] == KERNELS
     assert all(SMOOTHING_KERNELS[n].bounded for n in KERNELS)
     assert not SMOOTHING_KERNELS["gaussian"].bounded
 
@@ -160,8 +180,7 @@ def test_cdf_is_the_integrated_pdf(name, x):
         upper = min(x, 1.0) if kernel.bounded else x
         pieces = [(lower, min(upper, 0.0))] + ([(0.0, upper)] if upper > 0 else [])
         expected = sum(
-            integrate.quad(pdf, a, b, epsabs=1e-14, epsrel=1e-13, limit=200)[0]
-            for a, b in pieces
+            integrate.quad(pdf, a, b, epsabs=1e-14, epsrel=1e-13, limit=200)[0] for a, b in pieces
         )
     got = float(kernel.cdf(torch.tensor(x, dtype=torch.float64)))
     assert got == pytest.approx(expected, abs=QUAD_TOL)
@@ -174,4 +193,6 @@ def test_cdf_endpoints_and_monotone(name):
     c = kernel.cdf(x)
     assert torch.all(c[x <= -1] == 0) and torch.all(c[x >= 1] == 1)
     assert torch.all(torch.diff(c) >= 0)
-    assert float(kernel.cdf(torch.tensor(0.0, dtype=torch.float64))) == pytest.approx(0.5, abs=1e-16)
+    assert float(kernel.cdf(torch.tensor(0.0, dtype=torch.float64))) == pytest.approx(
+        0.5, abs=1e-16
+    )

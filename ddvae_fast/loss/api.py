@@ -1,4 +1,4 @@
-"""The relaxed arg-max reconstruction loss of DD-VAE (Section 2.2, Eq. 11-13).
+"""The relaxed arg-max loss of DD-VAE (Section 2.2, Eq. 11-13): validation, op, autograd, API.
 
 A deterministic decoder emits token t at a position iff t is the unique arg max
 of the scores r there (Eq. 11: a product of indicators [r_t > r_s], s != t).
@@ -13,42 +13,37 @@ form the authors' code trains with) or the softmax probabilities
 
 Layers, top to bottom:
 - public functions ``relaxed_argmax_loss`` and ``decoder_loss`` validate their
-  inputs and pick a backend (``ddvae_fast.backends.resolve_backend``);
-- backend 'reference' runs plain differentiable PyTorch ops and lets autograd
-  compute the gradient: it is the oracle for the kernels' hand-written
-  gradients;
+  inputs once and pick a backend (``ddvae_fast.backends``, the one dispatch
+  point);
+- backend 'reference' runs the differentiable rows of ``loss/reference.py``
+  and lets autograd compute the gradient: the oracle of the fused kernels;
 - backends 'cpp' and 'triton' go through one torch.library custom op
-  (``ddvae_fast::relaxed_argmax``) around the backend's fused
-  ``relaxed_argmax_forward`` (contract: docs/loss_backend_contract.md). The kernel
-  returns the loss rows and, in the same pass, the gradient already scaled for
-  the reduction; the op's backward only multiplies that saved gradient by the
-  upstream gradient, in place, so peak memory stays about one logits tensor.
-  ``reference_relaxed_argmax_forward`` implements the same contract with
-  explicit formulas in PyTorch, so the op layer can run on it too.
+  (``ddvae_fast::relaxed_argmax``) around the backend's fused forward
+  (docs/loss_backend_contract.md). The kernel returns the loss rows and, in
+  the same pass, the gradient already scaled for the reduction; the op's
+  backward only multiplies that saved gradient by the upstream gradient.
 
 Losses are returned in float32 for half-precision logits (every backend
-accumulates in float32; rounding the loss back to 16 bits only loses
-precision) and in the logits dtype otherwise.
+accumulates in float32) and in the logits dtype otherwise.
 """
+
 from __future__ import annotations
 
-import math
 import os
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import check_finite_real, check_int
-from .backends import resolve_backend
+from .._checks import check_choice, check_finite_real, check_int, check_tau
+from ..backends import BACKENDS, implementation, resolve_backend, supported_dtypes
+from . import reference
+from .reference import accumulate_dtype, reduce_rows
 
 __all__ = [
-    "DecoderLoss",
     "SKIP_TARGET_CHECK_ENV",
+    "DecoderLoss",
     "decoder_loss",
-    "reference_relaxed_argmax_forward",
-    "reference_relaxed_argmax_rows",
     "relaxed_argmax_loss",
 ]
 
@@ -60,11 +55,6 @@ REDUCTIONS = ("mean", "sum", "none")
 SKIP_TARGET_CHECK_ENV = "DDVAE_FAST_SKIP_TARGET_CHECK"
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_BACKEND_DTYPES = {
-    "reference": _FLOAT_DTYPES,
-    "cpp": (torch.float32, torch.float64),
-    "triton": (torch.float32, torch.bfloat16, torch.float16),
-}
 
 
 class DecoderLoss(NamedTuple):
@@ -77,48 +67,9 @@ class DecoderLoss(NamedTuple):
     sequence_accuracy: Tensor  # fraction of sequences with every non-ignored token correct
 
 
-def _accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _log_odds(tau: float) -> float:
-    """c = log(1/tau - 1), the shift that makes sigma_tau(0) = tau."""
-    return math.log1p(-tau) - math.log(tau)
-
-
 # --------------------------------------------------------------------------
 # Input validation (runs before any kernel)
 # --------------------------------------------------------------------------
-
-
-def _check_tau(tau) -> float:
-    if isinstance(tau, Tensor):
-        # A 0-dim CPU tensor is read on the host (no device sync); under
-        # torch.compile pass a Python float instead.
-        if tau.dim() != 0 or tau.device.type != "cpu":
-            raise TypeError(
-                f"tau must be a Python real or a 0-dim CPU tensor, got a tensor of shape "
-                f"{tuple(tau.shape)} on {tau.device}"
-            )
-        if tau.dtype == torch.bool or tau.is_complex():
-            raise TypeError(f"tau must be real, got a {tau.dtype} tensor")
-        tau = tau.item()
-    elif isinstance(tau, bool) or not isinstance(tau, (int, float)):
-        raise TypeError(f"tau must be a real number, got {type(tau).__name__}")
-    tau = float(tau)
-    if not 0.0 < tau < 1.0:  # also rejects NaN
-        raise ValueError(f"tau must lie strictly inside (0, 1), got {tau}")
-    return tau
-
-
-def _check_choice(value, name: str, allowed: tuple[str, ...]) -> str:
-    if value not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
-    return value
-
-
-_check_int = check_int
-_check_weight = check_finite_real
 
 
 def _check_logits_target(logits, target) -> None:
@@ -127,14 +78,15 @@ def _check_logits_target(logits, target) -> None:
     if not isinstance(target, Tensor):
         raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
     if logits.dtype not in _FLOAT_DTYPES:
-        raise TypeError(
-            f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}"
-        )
+        raise TypeError(f"logits must be float16, bfloat16, float32 or float64, got {logits.dtype}")
     if logits.dim() < 1 or logits.shape[-1] < 1:
         raise ValueError(
             f"logits must have a last (vocabulary) dimension of size >= 1, got shape "
             f"{tuple(logits.shape)}"
         )
+    for name, t in (("logits", logits), ("target", target)):
+        if t.layout != torch.strided or t.is_nested:
+            raise ValueError(f"{name} must be a dense strided tensor, got layout {t.layout}")
     if target.dtype != torch.int64:
         raise TypeError(f"target must be int64 (torch.long), got {target.dtype}")
     if target.shape != logits.shape[:-1]:
@@ -144,8 +96,7 @@ def _check_logits_target(logits, target) -> None:
         )
     if target.device != logits.device:
         raise ValueError(
-            f"logits and target must be on the same device, got {logits.device} and "
-            f"{target.device}"
+            f"logits and target must be on the same device, got {logits.device} and {target.device}"
         )
 
 
@@ -158,8 +109,9 @@ def _resolve_backend(backend, device: torch.device) -> str:
 
 def _select_backend(backend, logits: Tensor) -> str:
     name = _resolve_backend(backend, logits.device)
-    if logits.dtype not in _BACKEND_DTYPES[name]:
-        supported = ", ".join(str(d).replace("torch.", "") for d in _BACKEND_DTYPES[name])
+    dtypes = supported_dtypes("relaxed_argmax", name)
+    if logits.dtype not in dtypes:
+        supported = ", ".join(str(d).replace("torch.", "") for d in dtypes)
         raise TypeError(
             f"backend {name!r} supports logits of dtype {supported}; got {logits.dtype}"
         )
@@ -198,156 +150,8 @@ def _(target, num_classes, ignore_index):
 
 
 # --------------------------------------------------------------------------
-# Reference: plain differentiable PyTorch (autograd is the gradient oracle)
-# --------------------------------------------------------------------------
-
-
-def _safe_target(target: Tensor, num_classes: int, ignore_index: int):
-    """(valid, in_range, index): index is target where usable, else 0 (never out of bounds)."""
-    valid = target != ignore_index
-    in_range = (target >= 0) & (target < num_classes)
-    index = torch.where(valid & in_range, target, torch.zeros_like(target))
-    return valid, in_range, index
-
-
-def reference_relaxed_argmax_rows(
-    logits: Tensor,
-    target: Tensor,
-    tau: float,
-    score: str = "logit",
-    ignore_index: int = -100,
-) -> Tensor:
-    """Per-position relaxed arg-max loss, shape logits.shape[:-1], in the logits dtype.
-
-    Plain differentiable PyTorch: sum over s != t of -log sigma_tau(r_t - r_s)
-    with -log sigma_tau(x) = -logsigmoid(x / tau - c), c = log(1/tau - 1).
-    Ignored positions give 0; an out-of-range target gives NaN. No validation:
-    this is the building block of the reference path and the benchmarks.
-    """
-    num_classes = logits.shape[-1]
-    valid, in_range, index = _safe_target(target, num_classes, ignore_index)
-    scores = torch.softmax(logits, dim=-1) if score == "prob" else logits
-    score_t = scores.gather(-1, index.unsqueeze(-1))
-    pair = -F.logsigmoid((score_t - scores) / tau - _log_odds(tau))
-    others = torch.arange(num_classes, device=logits.device) != index.unsqueeze(-1)
-    rows = torch.where(others, pair, torch.zeros_like(pair)).sum(dim=-1)
-    rows = torch.where(valid, rows, torch.zeros_like(rows))
-    return torch.where(valid & ~in_range, torch.full_like(rows, math.nan), rows)
-
-
-def _reference_nll_rows(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
-    num_classes = logits.shape[-1]
-    valid, in_range, index = _safe_target(target, num_classes, ignore_index)
-    rows = torch.logsumexp(logits, dim=-1) - logits.gather(-1, index.unsqueeze(-1)).squeeze(-1)
-    rows = torch.where(valid, rows, torch.zeros_like(rows))
-    return torch.where(valid & ~in_range, torch.full_like(rows, math.nan), rows)
-
-
-def _reference_correct_rows(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
-    """True where the target is the strict unique arg max (ties are wrong) or is ignored."""
-    num_classes = logits.shape[-1]
-    valid, in_range, index = _safe_target(target, num_classes, ignore_index)
-    logit_t = logits.gather(-1, index.unsqueeze(-1))
-    others = torch.arange(num_classes, device=logits.device) != index.unsqueeze(-1)
-    beaten = ((logits >= logit_t) & others).any(dim=-1)
-    return (~beaten & in_range) | ~valid
-
-
-def _reduce(rows: Tensor, count: Tensor, reduction: str) -> Tensor:
-    if reduction == "none":
-        return rows
-    total = rows.sum()
-    if reduction == "sum":
-        return total
-    # An all-ignored batch gives 0 / 1 = 0 with a zero gradient, not NaN.
-    return total / count.clamp(min=1)
-
-
-def _reference_loss(logits, target, tau, score, ignore_index, reduction):
-    acc = _accumulate_dtype(logits.dtype)
-    count = _count_valid_targets(target.reshape(-1), logits.shape[-1], ignore_index)
-    rows = reference_relaxed_argmax_rows(logits, target, tau, score, ignore_index).to(acc)
-    return _reduce(rows, count, reduction)
-
-
-def reference_relaxed_argmax_forward(
-    logits: Tensor,
-    target: Tensor,
-    tau: float,
-    prob_mode: bool,
-    ignore_index: int,
-    argmax_weight: float,
-    nll_weight: float,
-    grad_scale: Tensor,
-    need_grad: bool,
-    need_nll: bool,
-):
-    """The backend contract of docs/loss_backend_contract.md, in PyTorch with explicit gradients.
-
-    Returns (argmax_rows, nll_rows, correct_rows, grad) like the 'cpp' and
-    'triton' backends. The gradient is written out (custom-op implementations
-    run without autograd); tests check it against autograd of the reference rows.
-    """
-    num_rows, num_classes = logits.shape
-    acc = _accumulate_dtype(logits.dtype)
-    x = logits.to(acc)
-    valid, in_range, index = _safe_target(target, num_classes, ignore_index)
-    bad = valid & ~in_range
-    cols = torch.arange(num_classes, device=logits.device)
-    is_target = cols == index.unsqueeze(1)
-    others = ~is_target
-    prob = torch.softmax(x, dim=1) if (prob_mode or need_nll or nll_weight != 0.0) else None
-
-    scores = prob if prob_mode else x
-    z = (scores - scores.gather(1, index.unsqueeze(1))) / tau + _log_odds(tau)
-    # softplus(z) = -log sigma_tau(r_t - r_s), stable for any z
-    pair = -F.logsigmoid(-z)
-    zero = x.new_zeros(())
-    nan = x.new_full((), math.nan)
-    argmax_rows = torch.where(others, pair, zero).sum(dim=1)
-    argmax_rows = torch.where(bad, nan, torch.where(valid, argmax_rows, zero))
-
-    if need_nll:
-        nll_rows = torch.logsumexp(x, dim=1) - x.gather(1, index.unsqueeze(1)).squeeze(1)
-        nll_rows = torch.where(bad, nan, torch.where(valid, nll_rows, zero))
-    else:
-        nll_rows = torch.zeros_like(argmax_rows)
-
-    beaten = ((x >= x.gather(1, index.unsqueeze(1))) & others).any(dim=1)
-    correct_rows = (~beaten & in_range) | ~valid
-
-    if not need_grad:
-        return argmax_rows, nll_rows, correct_rows, logits.new_empty((0,))
-    # d/dr_s = sigmoid(z_s)/tau for s != t; d/dr_t = -(sum of the others)
-    g = torch.where(others, torch.sigmoid(z) / tau, zero)
-    g = g - is_target.to(acc) * g.sum(dim=1, keepdim=True)
-    if prob_mode:  # chain through the softmax Jacobian
-        g = prob * (g - (prob * g).sum(dim=1, keepdim=True))
-    grad = argmax_weight * g
-    if nll_weight != 0.0:
-        grad = grad + nll_weight * (prob - is_target.to(acc))
-    grad = grad * grad_scale.to(acc)
-    grad = torch.where(valid.unsqueeze(1), grad, zero)
-    return argmax_rows, nll_rows, correct_rows, grad.to(logits.dtype).contiguous()
-
-
-# --------------------------------------------------------------------------
 # The custom op around a fused backend forward, and its autograd
 # --------------------------------------------------------------------------
-
-
-def _backend_forward(backend: str):
-    if backend == "reference":
-        return reference_relaxed_argmax_forward
-    if backend == "cpp":
-        from .cpp_relaxed_argmax import relaxed_argmax_forward
-
-        return relaxed_argmax_forward
-    if backend == "triton":
-        from .kernels.relaxed_argmax import relaxed_argmax_forward
-
-        return relaxed_argmax_forward
-    raise ValueError(f"no relaxed arg-max forward for backend {backend!r}")
 
 
 def _rows_for_kernel(logits: Tensor) -> Tensor:
@@ -376,8 +180,17 @@ def _relaxed_argmax_op(
 
     loss is the reduction of argmax_weight * argmax_rows + nll_weight * nll_rows;
     grad is d loss / d logits for an upstream gradient of 1 (empty when
-    need_grad is False).
+    need_grad is False). Checks its own preconditions (it can be called
+    directly as ``torch.ops.ddvae_fast.relaxed_argmax``): metadata only, no
+    host sync beyond the target range check.
     """
+    _check_logits_target(logits, target)
+    if logits.dim() != 2:
+        raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
+    check_tau(tau)
+    check_choice(reduction, "reduction", REDUCTIONS)
+    check_choice(backend, "backend", BACKENDS)
+    _select_backend(backend, logits)
     logits = _rows_for_kernel(logits)
     target = target.contiguous()
     count = _count_valid_targets_impl(target, logits.shape[1], ignore_index)
@@ -390,24 +203,43 @@ def _relaxed_argmax_op(
         grad_scale = (1.0 / count.clamp(min=1)).to(torch.float32)
     else:
         grad_scale = torch.ones((), dtype=torch.float32, device=logits.device)
-    forward = _backend_forward(backend)
+    forward = implementation("relaxed_argmax", backend)
     argmax_rows, nll_rows, correct_rows, grad = forward(
-        logits, target, tau, prob_mode, ignore_index, argmax_weight, nll_weight,
-        grad_scale, need_grad, need_nll,
+        logits,
+        target,
+        tau,
+        prob_mode,
+        ignore_index,
+        argmax_weight,
+        nll_weight,
+        grad_scale,
+        need_grad,
+        need_nll,
     )
     if need_grad and reduction == "mean" and not scale_in_kernel:
         grad.div_(count.clamp(min=1))
     rows = argmax_weight * argmax_rows
     if need_nll:
         rows = rows + nll_weight * nll_rows
-    return _reduce(rows, count, reduction), argmax_rows, nll_rows, correct_rows, count, grad
+    return reduce_rows(rows, count, reduction), argmax_rows, nll_rows, correct_rows, count, grad
 
 
 @_relaxed_argmax_op.register_fake
-def _(logits, target, tau, prob_mode, ignore_index, argmax_weight, nll_weight, reduction,
-      need_grad, need_nll, backend):
+def _(
+    logits,
+    target,
+    tau,
+    prob_mode,
+    ignore_index,
+    argmax_weight,
+    nll_weight,
+    reduction,
+    need_grad,
+    need_nll,
+    backend,
+):
     num_rows, num_classes = logits.shape
-    acc = _accumulate_dtype(logits.dtype)
+    acc = accumulate_dtype(logits.dtype)
     loss = logits.new_empty((num_rows,) if reduction == "none" else (), dtype=acc)
     argmax_rows = logits.new_empty((num_rows,), dtype=acc)
     nll_rows = logits.new_empty((num_rows,), dtype=acc)
@@ -461,8 +293,18 @@ def _backward(ctx, grad_loss, *unused_grads):
 _relaxed_argmax_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _fused(logits, target, tau, score, ignore_index, argmax_weight, nll_weight, reduction,
-           need_nll, backend):
+def _fused(
+    logits,
+    target,
+    tau,
+    score,
+    ignore_index,
+    argmax_weight,
+    nll_weight,
+    reduction,
+    need_nll,
+    backend,
+):
     """Flatten to rows and call the custom op; returns its outputs."""
     num_classes = logits.shape[-1]
     if logits.stride(-1) != 1:
@@ -470,8 +312,17 @@ def _fused(logits, target, tau, score, ignore_index, argmax_weight, nll_weight, 
     rows = logits.reshape(-1, num_classes)
     need_grad = logits.requires_grad and torch.is_grad_enabled()
     return torch.ops.ddvae_fast.relaxed_argmax(
-        rows, target.reshape(-1), tau, score == "prob", ignore_index, argmax_weight,
-        nll_weight, reduction, need_grad, need_nll, backend,
+        rows,
+        target.reshape(-1),
+        tau,
+        score == "prob",
+        ignore_index,
+        argmax_weight,
+        nll_weight,
+        reduction,
+        need_grad,
+        need_nll,
+        backend,
     )
 
 
@@ -509,14 +360,16 @@ def relaxed_argmax_loss(
         backend: 'auto' (triton for CUDA, cpp for CPU), 'reference', 'cpp' or
             'triton'. A requested backend that cannot run raises.
     """
-    tau = _check_tau(tau)
-    _check_choice(score, "score", SCORES)
-    _check_choice(reduction, "reduction", REDUCTIONS)
-    ignore_index = _check_int(ignore_index, "ignore_index")
+    tau = check_tau(tau)
+    check_choice(score, "score", SCORES)
+    check_choice(reduction, "reduction", REDUCTIONS)
+    ignore_index = check_int(ignore_index, "ignore_index")
     _check_logits_target(logits, target)
     backend = _select_backend(backend, logits)
     if backend == "reference":
-        return _reference_loss(logits, target, tau, score, ignore_index, reduction)
+        count = _count_valid_targets(target.reshape(-1), logits.shape[-1], ignore_index)
+        rows = reference.relaxed_argmax_rows(logits, target, tau, score, ignore_index)
+        return reduce_rows(rows.to(accumulate_dtype(logits.dtype)), count, reduction)
     return _op_loss(logits, target, tau, score, ignore_index, reduction, backend)
 
 
@@ -543,40 +396,58 @@ def decoder_loss(
     undefined token). With no non-ignored position, the losses are 0 and
     the accuracies 1 (vacuously every position is decoded correctly).
     """
-    tau = _check_tau(tau)
-    _check_choice(score, "score", SCORES)
-    ignore_index = _check_int(ignore_index, "ignore_index")
-    argmax_weight = _check_weight(argmax_weight, "argmax_weight")
-    nll_weight = _check_weight(nll_weight, "nll_weight")
+    tau = check_tau(tau)
+    check_choice(score, "score", SCORES)
+    ignore_index = check_int(ignore_index, "ignore_index")
+    argmax_weight = check_finite_real(argmax_weight, "argmax_weight")
+    nll_weight = check_finite_real(nll_weight, "nll_weight")
     _check_logits_target(logits, target)
     if logits.dim() != 3:
         raise ValueError(
             f"decoder_loss expects batch-first (B, L, V) logits, got shape {tuple(logits.shape)}"
         )
     backend = _select_backend(backend, logits)
-    return _decoder_loss(logits, target, tau, argmax_weight, nll_weight, score, ignore_index,
-                         backend, fused=backend != "reference")
+    return _decoder_loss(
+        logits,
+        target,
+        tau,
+        argmax_weight,
+        nll_weight,
+        score,
+        ignore_index,
+        backend,
+        fused=backend != "reference",
+    )
 
 
-def _decoder_loss(logits, target, tau, argmax_weight, nll_weight, score, ignore_index, backend,
-                  fused):
+def _decoder_loss(
+    logits, target, tau, argmax_weight, nll_weight, score, ignore_index, backend, fused
+):
     """decoder_loss after validation; fused=True runs the custom op on ``backend``'s forward."""
     batch, length, num_classes = logits.shape
-    acc = _accumulate_dtype(logits.dtype)
+    acc = accumulate_dtype(logits.dtype)
 
     if not fused:
         count = _count_valid_targets(target.reshape(-1), num_classes, ignore_index)
         denom = count.clamp(min=1)
-        argmax_rows = reference_relaxed_argmax_rows(logits, target, tau, score, ignore_index)
-        nll_rows = _reference_nll_rows(logits, target, ignore_index)
+        argmax_rows = reference.relaxed_argmax_rows(logits, target, tau, score, ignore_index)
+        nll_rows = reference.nll_rows(logits, target, ignore_index)
         argmax_loss = argmax_rows.to(acc).sum() / denom
         nll = nll_rows.to(acc).sum() / denom
         loss = argmax_weight * argmax_loss + nll_weight * nll
-        correct_rows = _reference_correct_rows(logits, target, ignore_index)
+        correct_rows = reference.correct_rows(logits, target, ignore_index)
     else:
         loss, argmax_rows, nll_rows, correct_rows, count, _ = _fused(
-            logits, target, tau, score, ignore_index, argmax_weight, nll_weight, "mean",
-            True, backend,
+            logits,
+            target,
+            tau,
+            score,
+            ignore_index,
+            argmax_weight,
+            nll_weight,
+            "mean",
+            True,
+            backend,
         )
         denom = count.clamp(min=1)
         argmax_loss = argmax_rows.sum() / denom

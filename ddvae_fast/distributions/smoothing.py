@@ -1,19 +1,23 @@
-"""The standard kernels K on [-1, 1] behind the bounded-support proposals.
+"""The smoothing kernels: standard densities K on [-1, 1] behind the bounded proposals.
+
+("Smoothing kernel" is the paper's K; a compute kernel is a Triton or C++
+function in kernels/ or csrc/.)
 
 A proposal with location mu and scale sigma has density K((z - mu)/sigma)/sigma
 (Eq. 7). Everything the library needs about a kernel lives here: its density,
 CDF, K(0) (which sets the rejection sampler's acceptance rate 1/(2 K(0))), its
 variance and its differential entropy. The constants are derived in closed
 form; tests/test_smoothing_kernels.py checks each one by quadrature, because
-the paper's Tables 1-2 are damaged in our copy (see ../shared/paper/NOTES.md).
+the paper's Tables 1-2 are damaged in the copy this project works from.
 
 The Gaussian is included as the unbounded reference "kernel" (support R).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -121,28 +125,52 @@ SMOOTHING_KERNELS: dict[str, SmoothingKernel] = {
         SmoothingKernel("uniform", True, 0.5, 1 / 3, math.log(2), _uniform_pdf, _uniform_cdf),
         SmoothingKernel("triangular", True, 1.0, 1 / 6, 0.5, _triangular_pdf, _triangular_cdf),
         SmoothingKernel(
-            "epanechnikov", True, 0.75, 1 / 5, 5 / 3 - math.log(3),
-            _epanechnikov_pdf, _epanechnikov_cdf,
+            "epanechnikov",
+            True,
+            0.75,
+            1 / 5,
+            5 / 3 - math.log(3),
+            _epanechnikov_pdf,
+            _epanechnikov_cdf,
         ),
         SmoothingKernel(
             "quartic", True, 15 / 16, 1 / 7, 47 / 15 - math.log(15), _quartic_pdf, _quartic_cdf
         ),
         SmoothingKernel(
-            "triweight", True, 35 / 32, 1 / 9, 319 / 70 - math.log(70),
-            _triweight_pdf, _triweight_cdf,
+            "triweight",
+            True,
+            35 / 32,
+            1 / 9,
+            319 / 70 - math.log(70),
+            _triweight_pdf,
+            _triweight_cdf,
         ),
         SmoothingKernel(
-            "tricube", True, 70 / 81, 35 / 243,
+            "tricube",
+            True,
+            70 / 81,
+            35 / 243,
             -(math.pi * _SQRT3 / 2 - 1111 / 140 + math.log(70 * _SQRT3)),
-            _tricube_pdf, _tricube_cdf,
+            _tricube_pdf,
+            _tricube_cdf,
         ),
         SmoothingKernel(
-            "cosine", True, math.pi / 4, 1 - 8 / math.pi**2, 1 - math.log(math.pi / 2),
-            _cosine_pdf, _cosine_cdf,
+            "cosine",
+            True,
+            math.pi / 4,
+            1 - 8 / math.pi**2,
+            1 - math.log(math.pi / 2),
+            _cosine_pdf,
+            _cosine_cdf,
         ),
         SmoothingKernel(
-            "gaussian", False, 1 / math.sqrt(2 * math.pi), 1.0,
-            0.5 * math.log(2 * math.pi * math.e), _gaussian_pdf, _gaussian_cdf,
+            "gaussian",
+            False,
+            1 / math.sqrt(2 * math.pi),
+            1.0,
+            0.5 * math.log(2 * math.pi * math.e),
+            _gaussian_pdf,
+            _gaussian_cdf,
         ),
     )
 }
@@ -159,3 +187,13 @@ def get_kernel(name: str) -> SmoothingKernel:
         return SMOOTHING_KERNELS[name]
     except KeyError:
         raise ValueError(f"unknown proposal {name!r}; expected one of {PROPOSALS}") from None
+
+
+def bounded_kernel(name: str) -> SmoothingKernel:
+    """``get_kernel`` restricted to the seven bounded kernels (rejection sampling needs one)."""
+    kernel = get_kernel(name)
+    if not kernel.bounded:
+        raise ValueError(
+            f"rejection sampling needs a bounded kernel, one of {KERNELS}; got {name!r}"
+        )
+    return kernel

@@ -6,10 +6,11 @@ model is judged by how it decodes: its reconstructions from mu and from
 z ~ q(z|x), and the distribution of strings it decodes from prior samples,
 compared with the true one in total variation.
 """
+
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -28,7 +29,9 @@ def bernoulli_distribution(length: int = 6, p_one: float = 0.8) -> dict[str, flo
     return out
 
 
-def sample_bernoulli_strings(n: int, length: int = 6, p_one: float = 0.8, seed: int = 0) -> list[str]:
+def sample_bernoulli_strings(
+    n: int, length: int = 6, p_one: float = 0.8, seed: int = 0
+) -> list[str]:
     """n strings of independent bits from a fixed seed (the training set)."""
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
@@ -117,7 +120,7 @@ def evaluate_synthetic(
     - per_string: each string's true and decoded probability, mu and sigma.
     """
     # Local import: the sampler module is only needed here, not to import this file.
-    import ddvae_fast as ddf
+    from ..sampling import RejectionSampler
 
     was_training = model.training
     model.eval()
@@ -127,7 +130,7 @@ def evaluate_synthetic(
     from_mu = model.decode(mu)
     rec_ok = np.array([d == s for d, s in zip(from_mu, strings)])
 
-    sampler = ddf.RejectionSampler(
+    sampler = RejectionSampler(
         model.config.proposal, device=model.device, seed=seed, backend=model.config.backend
     )
     mu_rep = mu.repeat_interleave(draws_per_string, dim=0)
@@ -142,7 +145,9 @@ def evaluate_synthetic(
     model.train(was_training)
     return {
         "reconstruction_accuracy": float(rec_ok.mean()),
-        "sampled_reconstruction_accuracy": float((per_string_sampled * p_true).sum() / p_true.sum()),
+        "sampled_reconstruction_accuracy": float(
+            (per_string_sampled * p_true).sum() / p_true.sum()
+        ),
         "prior_decoding_tv": float(tv),
         "prior_decoding_lost_mass": float(lost),
         "prior_decoding_invalid_mass": float(decoded_dist.get(None, 0.0)),
@@ -179,7 +184,12 @@ def format_probability_table(metrics: dict) -> str:
 
 @torch.no_grad()
 def plot_latent_map(
-    model, distribution: dict[str, float], path, *, resolution: int = 300, per_string=None,
+    model,
+    distribution: dict[str, float],
+    path,
+    *,
+    resolution: int = 300,
+    per_string=None,
     grid_decoded=None,
 ) -> None:
     """Figure 5: the latent square coloured by decoded string.
@@ -202,7 +212,7 @@ def plot_latent_map(
     _, points, half = latent_grid(prior, resolution)
     decoded = decode_latent_grid(model, resolution) if grid_decoded is None else grid_decoded
     if len(decoded) != resolution * resolution:
-        raise ValueError(f"grid_decoded has {len(decoded)} entries, expected {resolution ** 2}")
+        raise ValueError(f"grid_decoded has {len(decoded)} entries, expected {resolution**2}")
     strings = list(distribution)
     label_of = {s: i for i, s in enumerate(strings)}
     other = len(strings)  # invalid decodes and strings outside the data
@@ -218,13 +228,25 @@ def plot_latent_map(
 
     rng = np.random.Generator(np.random.PCG64(1))
     palette = plt.get_cmap("tab20")(np.arange(20))
-    palette = np.concatenate([palette, plt.get_cmap("tab20b")(np.arange(20)), plt.get_cmap("tab20c")(np.arange(20)), plt.get_cmap("Set3")(np.arange(12))])
+    palette = np.concatenate(
+        [
+            palette,
+            plt.get_cmap("tab20b")(np.arange(20)),
+            plt.get_cmap("tab20c")(np.arange(20)),
+            plt.get_cmap("Set3")(np.arange(12)),
+        ]
+    )
     colours = palette[rng.permutation(len(palette))[: len(strings)]]
     colours = np.concatenate([colours, [[0.15, 0.15, 0.15, 1.0]]])  # 'other' is dark grey
     fig, ax = plt.subplots(figsize=(8, 8))
     ax.imshow(
-        labels, origin="lower", extent=(-half, half, -half, half), cmap=ListedColormap(colours),
-        vmin=-0.5, vmax=other + 0.5, interpolation="nearest",
+        labels,
+        origin="lower",
+        extent=(-half, half, -half, half),
+        cmap=ListedColormap(colours),
+        vmin=-0.5,
+        vmax=other + 0.5,
+        interpolation="nearest",
     )
     boundary = np.zeros_like(labels, dtype=bool)
     boundary[:, 1:] |= labels[:, 1:] != labels[:, :-1]
@@ -242,8 +264,15 @@ def plot_latent_map(
     for row in per_string:
         (mx, my), (sx, sy) = row["mu"], row["sigma"]
         ax.add_patch(
-            Rectangle((mx - sx, my - sy), 2 * sx, 2 * sy, fill=False, linestyle="--",
-                      linewidth=0.8, edgecolor="black")
+            Rectangle(
+                (mx - sx, my - sy),
+                2 * sx,
+                2 * sy,
+                fill=False,
+                linestyle="--",
+                linewidth=0.8,
+                edgecolor="black",
+            )
         )
 
     ys, xs = np.divmod(np.arange(labels.size), resolution)
@@ -253,8 +282,15 @@ def plot_latent_map(
         cx = -half + step * (xs[where].mean() + 0.5)
         cy = -half + step * (ys[where].mean() + 0.5)
         name = "other" if label == other else strings[label]
-        ax.text(cx, cy, f"{name}\n{mass[label]:.3f}", ha="center", va="center", fontsize=6,
-                color="white" if label == other else "black")
+        ax.text(
+            cx,
+            cy,
+            f"{name}\n{mass[label]:.3f}",
+            ha="center",
+            va="center",
+            fontsize=6,
+            color="white" if label == other else "black",
+        )
     c = model.config
     ax.set_title(
         f"{'DD-VAE' if c.mode == 'argmax' else 'VAE'}: prior {c.prior}, proposal {c.proposal}"
@@ -270,12 +306,12 @@ def plot_latent_map(
 
 __all__ = [
     "bernoulli_distribution",
-    "sample_bernoulli_strings",
-    "total_variation",
-    "latent_grid",
     "decode_latent_grid",
-    "prior_decoding_distribution",
     "evaluate_synthetic",
     "format_probability_table",
+    "latent_grid",
     "plot_latent_map",
+    "prior_decoding_distribution",
+    "sample_bernoulli_strings",
+    "total_variation",
 ]

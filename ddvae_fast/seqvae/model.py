@@ -16,23 +16,23 @@ mode='argmax' trains the deterministic decoder with the relaxed arg-max loss
 Decoding is always greedy and deterministic (Eq. 3): a tie for the maximal
 logit is the undefined token and makes the string invalid (None).
 """
+
 from __future__ import annotations
 
 import math
-import os
-import tempfile
-from dataclasses import asdict, dataclass, fields
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-import ddvae_fast as ddf
-
+from ..decoding import UNDEFINED_TOKEN, deterministic_argmax
+from ..distributions import KERNELS, PRIORS, PROPOSALS, kl_divergence, uniform_prior_transform
+from ..loss import decoder_loss
 from .data import SPECIAL_TOKENS, SequenceBatch, Vocabulary, encode_strings
-from .decoding import UNDEFINED_TOKEN, deterministic_argmax
+from .io import atomic_torch_save, check_known_keys
 
-PRIORS = ("gaussian", "uniform")
 MODES = ("argmax", "sample")
 _FORMAT = "ddvae_fast.SequenceDDVAE/1"
 
@@ -63,26 +63,27 @@ class ModelConfig:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
         if self.prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {self.prior!r}")
-        if self.proposal not in ddf.PROPOSALS:
-            raise ValueError(f"proposal must be one of {ddf.PROPOSALS}, got {self.proposal!r}")
-        if self.prior == "uniform" and self.proposal not in ddf.KERNELS:
+        if self.proposal not in PROPOSALS:
+            raise ValueError(f"proposal must be one of {PROPOSALS}, got {self.proposal!r}")
+        if self.prior == "uniform" and self.proposal not in KERNELS:
             raise ValueError(
-                f"a uniform prior needs a bounded proposal (one of {ddf.KERNELS}); "
+                f"a uniform prior needs a bounded proposal (one of {KERNELS}); "
                 f"{self.proposal!r} has unbounded support"
             )
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not isinstance(self.initial_log_sigma, (int, float)) or not math.isfinite(self.initial_log_sigma):
-            raise ValueError(f"initial_log_sigma must be a finite number, got {self.initial_log_sigma!r}")
+        if not isinstance(self.initial_log_sigma, (int, float)) or not math.isfinite(
+            self.initial_log_sigma
+        ):
+            raise ValueError(
+                f"initial_log_sigma must be a finite number, got {self.initial_log_sigma!r}"
+            )
         if self.score not in ("logit", "prob"):
             raise ValueError(f"score must be 'logit' or 'prob', got {self.score!r}")
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown model settings {sorted(unknown)}; known: {sorted(known)}")
+    def from_dict(cls, values: dict) -> ModelConfig:
+        check_known_keys(values, cls, "[model]")
         return cls(**values)
 
 
@@ -94,27 +95,6 @@ class LossTerms(NamedTuple):
     kl: torch.Tensor  # KL(q(z|x) || p(z)), summed over latent dims, batch mean
     token_accuracy: torch.Tensor
     sequence_accuracy: torch.Tensor
-
-
-def atomic_torch_save(obj, path) -> None:
-    """torch.save to a temporary file beside ``path``, then rename over it.
-
-    A crash mid-write leaves the previous file intact instead of a truncated one.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(obj, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class SequenceDDVAE(nn.Module):
@@ -134,7 +114,7 @@ class SequenceDDVAE(nn.Module):
         self.encoder_rnn = nn.GRU(c.embedding_dim, c.hidden_size, c.num_layers, batch_first=True)
         self.encoder_to_latent = nn.Linear(c.num_layers * c.hidden_size, 2 * c.latent_dim)
         with torch.no_grad():
-            self.encoder_to_latent.bias[c.latent_dim:].fill_(c.initial_log_sigma)
+            self.encoder_to_latent.bias[c.latent_dim :].fill_(c.initial_log_sigma)
         self.latent_to_hidden = nn.Linear(c.latent_dim, c.num_layers * c.hidden_size)
         self.decoder_embedding = nn.Embedding(v, c.embedding_dim, padding_idx=vocabulary.pad)
         self.decoder_rnn = nn.GRU(
@@ -149,7 +129,12 @@ class SequenceDDVAE(nn.Module):
 
     def decoder_modules(self) -> nn.ModuleList:
         return nn.ModuleList(
-            [self.latent_to_hidden, self.decoder_embedding, self.decoder_rnn, self.decoder_to_logits]
+            [
+                self.latent_to_hidden,
+                self.decoder_embedding,
+                self.decoder_rnn,
+                self.decoder_to_logits,
+            ]
         )
 
     @property
@@ -173,7 +158,7 @@ class SequenceDDVAE(nn.Module):
         mu, log_sigma = self.encoder_to_latent(h).chunk(2, dim=-1)
         sigma = log_sigma.exp()
         if self.config.prior == "uniform":
-            mu, sigma = ddf.uniform_prior_transform(mu, sigma)
+            mu, sigma = uniform_prior_transform(mu, sigma)
         return mu, sigma
 
     def encode(self, strings: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,7 +189,9 @@ class SequenceDDVAE(nn.Module):
         return batch.tokens.masked_fill(batch.tokens == self.vocabulary.pad, ignore_index)
 
     @torch.no_grad()
-    def decode(self, z: torch.Tensor, max_length: int | None = None, chunk_size: int = 16384) -> list[str | None]:
+    def decode(
+        self, z: torch.Tensor, max_length: int | None = None, chunk_size: int = 16384
+    ) -> list[str | None]:
         """Greedy deterministic decoding of each row of ``z`` (Eq. 3).
 
         A string ends at eos. It is invalid (None) if some step's maximal logit
@@ -276,7 +263,7 @@ class SequenceDDVAE(nn.Module):
 
     def kl(self, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """KL(q(z|x) || p(z)) per row (summed over latent dims, Eq. 8)."""
-        return ddf.kl_divergence(self.config.proposal, mu, sigma, prior=self.config.prior).sum(-1)
+        return kl_divergence(self.config.proposal, mu, sigma, prior=self.config.prior).sum(-1)
 
     def loss_terms(
         self,
@@ -300,9 +287,13 @@ class SequenceDDVAE(nn.Module):
             weights = {"argmax_weight": 1.0, "nll_weight": float(nll_weight)}
         else:
             weights = {"argmax_weight": 0.0, "nll_weight": 1.0}
-        rec = ddf.decoder_loss(
-            logits, self.targets(batch), tau, score=self.config.score,
-            backend=self.config.backend, **weights,
+        rec = decoder_loss(
+            logits,
+            self.targets(batch),
+            tau,
+            score=self.config.score,
+            backend=self.config.backend,
+            **weights,
         )
         kl = self.kl(mu, sigma).mean()
         loss = rec.loss + beta * kl if beta else rec.loss
@@ -320,12 +311,19 @@ class SequenceDDVAE(nn.Module):
             mu, sigma = self.encode_batch(batch)
             z = sampler.rsample(mu, sigma)
         logits = self.decoder_logits(z, batch)
-        rec = ddf.decoder_loss(
-            logits, self.targets(batch), 0.5, argmax_weight=0.0, nll_weight=1.0,
-            score=self.config.score, backend=self.config.backend,
+        rec = decoder_loss(
+            logits,
+            self.targets(batch),
+            0.5,
+            argmax_weight=0.0,
+            nll_weight=1.0,
+            score=self.config.score,
+            backend=self.config.backend,
         )
         zero = rec.loss.new_zeros(())
-        return LossTerms(rec.loss, rec.loss.detach(), zero, rec.token_accuracy, rec.sequence_accuracy)
+        return LossTerms(
+            rec.loss, rec.loss.detach(), zero, rec.token_accuracy, rec.sequence_accuracy
+        )
 
     # -- persistence ---------------------------------------------------------
 
@@ -338,10 +336,12 @@ class SequenceDDVAE(nn.Module):
         }
 
     @classmethod
-    def from_state(cls, state: dict, map_location="cpu") -> "SequenceDDVAE":
+    def from_state(cls, state: dict, map_location="cpu") -> SequenceDDVAE:
         if not isinstance(state, dict) or state.get("format") != _FORMAT:
             raise ValueError(f"not a saved SequenceDDVAE (expected format {_FORMAT!r})")
-        model = cls(Vocabulary.from_dict(state["vocabulary"]), ModelConfig.from_dict(state["config"]))
+        model = cls(
+            Vocabulary.from_dict(state["vocabulary"]), ModelConfig.from_dict(state["config"])
+        )
         model.load_state_dict(state["state_dict"])
         return model.to(map_location)
 
@@ -350,7 +350,7 @@ class SequenceDDVAE(nn.Module):
         atomic_torch_save(self.to_state(), path)
 
     @classmethod
-    def load(cls, path, map_location="cpu") -> "SequenceDDVAE":
+    def load(cls, path, map_location="cpu") -> SequenceDDVAE:
         """A model saved by :meth:`save`, or the model inside a training checkpoint."""
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "model" in state and state.get("format") != _FORMAT:

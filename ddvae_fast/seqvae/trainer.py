@@ -7,33 +7,33 @@ linearly and tau annealed log-linearly, and epochs [epochs, epochs +
 finetune_epochs) fine-tune the decoder with the encoder frozen (Section 2.3,
 Eq. 21/24: cross-entropy of x at z ~ q(z|x)). The learning rate is
 ``lr * lr_gamma ** (epoch // lr_step_epochs)``, and fine-tuning restarts that
-step schedule from ``finetune_lr``; gradients are clamped by value. Every schedule is a function of the epoch index, and the data order of
-an epoch is a function of (seed, epoch), so a run resumed from a checkpoint
-(model, optimizers, sampler and RNG states, history) retraces the
+step schedule from ``finetune_lr``; gradients are clamped by value. Every
+schedule is a function of the epoch index, and the data order of an epoch is a
+function of (seed, epoch), so a run resumed from a checkpoint (model,
+optimizers, sampler and RNG states, history) retraces the
 uninterrupted run exactly.
 """
+
 from __future__ import annotations
 
 import csv
 import io
 import math
-import os
 import random
-import tempfile
 import time
-import tomllib
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+import tomllib
 import torch
 from tqdm.auto import tqdm
 
-import ddvae_fast as ddf
-
+from ..sampling import RejectionSampler
+from ..schedules import LinearSchedule, LogLinearSchedule
 from .data import EncodedStrings, Vocabulary, check_tokenizer, load_strings
-from .models import ModelConfig, SequenceDDVAE, atomic_torch_save
-from .schedules import LinearSchedule, LogLinearSchedule
+from .io import atomic_torch_save, check_known_keys, write_text_atomic
+from .model import ModelConfig, SequenceDDVAE
 from .synthetic import sample_bernoulli_strings
 
 CHECKPOINT_NAME = "checkpoint.pt"
@@ -47,10 +47,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 def _from_dict(cls, values: dict, section: str):
-    known = {f.name for f in fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown [{section}] settings {sorted(unknown)}; known: {sorted(known)}")
+    check_known_keys(values, cls, f"[{section}]")
     return cls(**values)
 
 
@@ -144,17 +141,16 @@ class ExperimentConfig:
         }
 
     @classmethod
-    def from_dict(cls, values: dict) -> "ExperimentConfig":
-        known = {"name", "data", "model", "train", "rules"}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown config sections {sorted(unknown)}; known: {sorted(known)}")
+    def from_dict(cls, values: dict) -> ExperimentConfig:
+        check_known_keys(values, ("name", "data", "model", "train", "rules"), "the config")
         rules = tuple(values.get("rules", ()))
         for rule in rules:
             if set(rule) != {"when", "set"}:
-                raise ValueError(f"each rule needs exactly 'when' and 'set' tables, got {sorted(rule)}")
-            _check_keys(rule["when"], ModelConfig, "rules.when")
-            _check_keys(rule["set"], TrainConfig, "rules.set")
+                raise ValueError(
+                    f"each rule needs exactly 'when' and 'set' tables, got {sorted(rule)}"
+                )
+            check_known_keys(rule["when"], ModelConfig, "rules.when")
+            check_known_keys(rule["set"], TrainConfig, "rules.set")
         return cls(
             name=str(values.get("name", "experiment")),
             data=_from_dict(DataConfig, values.get("data", {}), "data"),
@@ -163,8 +159,9 @@ class ExperimentConfig:
             rules=rules,
         )
 
-    def with_overrides(self, *, data=None, model=None, train=None) -> "ExperimentConfig":
+    def with_overrides(self, *, data=None, model=None, train=None) -> ExperimentConfig:
         """A copy with some settings replaced (``None`` values are ignored)."""
+
         def clean(d):
             return {k: v for k, v in (d or {}).items() if v is not None}
 
@@ -175,7 +172,7 @@ class ExperimentConfig:
             train=replace(self.train, **clean(train)),
         )
 
-    def resolve(self) -> "ExperimentConfig":
+    def resolve(self) -> ExperimentConfig:
         """Apply the rules whose ``when`` matches the model settings."""
         train = self.train
         for rule in self.rules:
@@ -184,15 +181,8 @@ class ExperimentConfig:
         return replace(self, train=train)
 
 
-def _check_keys(values: dict, cls, where: str):
-    known = {f.name for f in fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise ValueError(f"unknown settings {sorted(unknown)} in {where}; known: {sorted(known)}")
-
-
 def load_config(path) -> ExperimentConfig:
-    """An ExperimentConfig from a TOML file (see ddvae_fast/configs/)."""
+    """An ExperimentConfig from a TOML file (see ddvae_fast/seqvae/configs/)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
@@ -223,19 +213,6 @@ def load_training_strings(data: DataConfig) -> list[str]:
 # Helpers
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _rng_state() -> dict:
     np_state = np.random.get_state()
     return {
@@ -257,8 +234,17 @@ def _set_rng_state(state: dict) -> None:
 
 
 _CSV_FIELDS = (
-    "epoch", "stage", "lr", "beta", "tau", "loss", "reconstruction", "kl",
-    "token_accuracy", "sequence_accuracy", "seconds",
+    "epoch",
+    "stage",
+    "lr",
+    "beta",
+    "tau",
+    "loss",
+    "reconstruction",
+    "kl",
+    "token_accuracy",
+    "sequence_accuracy",
+    "seconds",
 )
 
 
@@ -291,7 +277,9 @@ class Trainer:
         self.device = torch.device(device)
         self.progress = progress
         tc = config.train
-        self.strings = load_training_strings(config.data) if strings is None else load_strings(strings)
+        self.strings = (
+            load_training_strings(config.data) if strings is None else load_strings(strings)
+        )
         vocabulary = _vocabulary or Vocabulary.build(self.strings, config.data.tokenizer)
         data = EncodedStrings(self.strings, vocabulary, config.data.max_length)
         max_length = config.data.max_length or int(data.lengths.max()) - 1
@@ -307,16 +295,20 @@ class Trainer:
         self.model = SequenceDDVAE(vocabulary, config.model).to(self.device)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr)
         self.finetune_optimizer: torch.optim.Optimizer | None = None
-        self.sampler = ddf.RejectionSampler(
+        self.sampler = RejectionSampler(
             config.model.proposal, device=self.device, seed=tc.seed, backend=config.model.backend
         )
         self.epoch = 0  # epochs completed
         self.history: list[dict] = []
         self.beta_schedule = LinearSchedule(
-            tc.beta_start, tc.beta_end,
-            duration=max(tc.epochs - 1 - tc.pretrain_epochs, 0), begin=tc.pretrain_epochs,
+            tc.beta_start,
+            tc.beta_end,
+            duration=max(tc.epochs - 1 - tc.pretrain_epochs, 0),
+            begin=tc.pretrain_epochs,
         )
-        self.tau_schedule = LogLinearSchedule(tc.tau_start, tc.tau_end, duration=max(tc.epochs - 1, 0))
+        self.tau_schedule = LogLinearSchedule(
+            tc.tau_start, tc.tau_end, duration=max(tc.epochs - 1, 0)
+        )
 
     # -- schedules -----------------------------------------------------------
 
@@ -372,15 +364,20 @@ class Trainer:
         start = time.perf_counter()
         n_batches = math.ceil(len(self.data) / tc.batch_size)
         bar = tqdm(
-            self.data.batches(tc.batch_size, tc.seed, epoch), total=n_batches,
-            desc=f"epoch {epoch + 1}/{tc.total_epochs} {stage}", disable=not self.progress,
-            dynamic_ncols=True, mininterval=0.5,
+            self.data.batches(tc.batch_size, tc.seed, epoch),
+            total=n_batches,
+            desc=f"epoch {epoch + 1}/{tc.total_epochs} {stage}",
+            disable=not self.progress,
+            dynamic_ncols=True,
+            mininterval=0.5,
         )
         for i, batch in enumerate(bar):
             if stage == "finetune":
                 terms = self.model.reconstruction_terms(batch, self.sampler)
             else:
-                terms = self.model.loss_terms(batch, self.sampler, tau=tau, beta=beta, nll_weight=nll_weight)
+                terms = self.model.loss_terms(
+                    batch, self.sampler, tau=tau, beta=beta, nll_weight=nll_weight
+                )
             optimizer.zero_grad(set_to_none=True)
             terms.loss.backward()
             if tc.clip_grad_value is not None:
@@ -391,15 +388,24 @@ class Trainer:
             count += n
             if self.progress and (i % 20 == 0 or i == n_batches - 1):
                 bar.set_postfix(
-                    loss=f"{terms.loss.item():.4f}", acc=f"{terms.sequence_accuracy.item():.3f}",
-                    beta=f"{beta:.3g}", tau=f"{tau:.3g}", refresh=False,
+                    loss=f"{terms.loss.item():.4f}",
+                    acc=f"{terms.sequence_accuracy.item():.3f}",
+                    beta=f"{beta:.3g}",
+                    tau=f"{tau:.3g}",
+                    refresh=False,
                 )
         means = (sums / max(count, 1)).tolist()
         return {
-            "epoch": epoch + 1, "stage": stage, "lr": lr, "beta": beta,
+            "epoch": epoch + 1,
+            "stage": stage,
+            "lr": lr,
+            "beta": beta,
             "tau": tau,
-            "loss": means[0], "reconstruction": means[1], "kl": means[2],
-            "token_accuracy": means[3], "sequence_accuracy": means[4],
+            "loss": means[0],
+            "reconstruction": means[1],
+            "kl": means[2],
+            "token_accuracy": means[3],
+            "sequence_accuracy": means[4],
             "seconds": time.perf_counter() - start,
         }
 
@@ -461,9 +467,14 @@ class Trainer:
 
     @classmethod
     def resume(
-        cls, out_dir, *, device="cpu", progress: bool = True, log_epochs: bool = False,
+        cls,
+        out_dir,
+        *,
+        device="cpu",
+        progress: bool = True,
+        log_epochs: bool = False,
         strings: list[str] | None = None,
-    ) -> "Trainer":
+    ) -> Trainer:
         """The trainer saved in ``out_dir/checkpoint.pt``, ready to continue."""
         path = Path(out_dir) / CHECKPOINT_NAME
         if not path.is_file():
@@ -474,8 +485,13 @@ class Trainer:
         config = ExperimentConfig.from_dict(state["config"])
         vocabulary = Vocabulary.from_dict(state["model"]["vocabulary"])
         trainer = cls(
-            config, out_dir, device=device, progress=progress, log_epochs=log_epochs,
-            strings=strings, _vocabulary=vocabulary,
+            config,
+            out_dir,
+            device=device,
+            progress=progress,
+            log_epochs=log_epochs,
+            strings=strings,
+            _vocabulary=vocabulary,
         )
         trainer.model.load_state_dict(state["model"]["state_dict"])
         trainer.optimizer.load_state_dict(state["optimizer"])

@@ -1,17 +1,12 @@
 """nn.Module wrappers of the library's losses."""
+
 from __future__ import annotations
 
 from torch import Tensor, nn
 
-from .backends import BACKENDS
-from .relaxed_argmax import (
-    REDUCTIONS,
-    SCORES,
-    _check_choice,
-    _check_int,
-    _check_tau,
-    relaxed_argmax_loss,
-)
+from .._checks import check_choice, check_int, check_tau
+from ..backends import BACKENDS
+from .api import REDUCTIONS, SCORES, relaxed_argmax_loss
 
 
 class RelaxedArgmaxLoss(nn.Module):
@@ -32,10 +27,10 @@ class RelaxedArgmaxLoss(nn.Module):
     ):
         super().__init__()
         self.tau = tau
-        self.score = _check_choice(score, "score", SCORES)
-        self.ignore_index = _check_int(ignore_index, "ignore_index")
-        self.reduction = _check_choice(reduction, "reduction", REDUCTIONS)
-        self.backend = _check_choice(backend, "backend", ("auto",) + BACKENDS)
+        self.score = check_choice(score, "score", SCORES)
+        self.ignore_index = check_int(ignore_index, "ignore_index")
+        self.reduction = check_choice(reduction, "reduction", REDUCTIONS)
+        self.backend = check_choice(backend, "backend", ("auto",) + BACKENDS)
 
     @property
     def tau(self) -> float:
@@ -43,7 +38,7 @@ class RelaxedArgmaxLoss(nn.Module):
 
     @tau.setter
     def tau(self, value) -> None:
-        self._tau = _check_tau(value)
+        self._tau = check_tau(value)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return relaxed_argmax_loss(

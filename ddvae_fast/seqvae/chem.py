@@ -5,10 +5,11 @@ logP(m) - SA(m) - cycle(m), with cycle(m) = max(0, largest ring size - 6),
 each term standardised by its mean and standard deviation on the ZINC-250k
 training set (the constants below, those of the JT-VAE/DD-VAE evaluation).
 """
+
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from functools import lru_cache
-from typing import Iterable, Sequence
 
 from rdkit import Chem, RDLogger
 from rdkit.Chem import Descriptors
@@ -97,7 +98,11 @@ def penalized_logp(smiles_or_mol) -> float:
 def sample_metrics(samples: Sequence, training: Iterable[str] | None = None) -> dict:
     """Validity, uniqueness (and novelty, given the training strings) of samples."""
     samples = list(samples)
-    out = {"n_samples": len(samples), "validity": validity(samples), "uniqueness": uniqueness(samples)}
+    out = {
+        "n_samples": len(samples),
+        "validity": validity(samples),
+        "uniqueness": uniqueness(samples),
+    }
     if training is not None:
         out["novelty"] = novelty(samples, training)
     return out

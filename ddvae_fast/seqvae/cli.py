@@ -10,6 +10,7 @@
 Writes to --out: checkpoint.pt, metrics.csv (per epoch), metrics.json and,
 for the 2-D synthetic models, latent_map.png (Figure 5).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,12 @@ from pathlib import Path
 
 import torch
 
-PRESETS = {"default": "synthetic", "paper": "synthetic_paper", "vae": "synthetic_vae", "smiles": "smiles"}
+PRESETS = {
+    "default": "synthetic",
+    "paper": "synthetic_paper",
+    "vae": "synthetic_vae",
+    "smiles": "smiles",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -29,36 +35,68 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train", help="train a DD-VAE (default: the synthetic bit strings of Section 4.1)"
     )
-    train.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                       help="built-in config: default (compressed synthetic), paper (Appendix B.1), "
-                       "vae (the VAE baseline), smiles (used with --data)")
-    train.add_argument("--config", type=Path, default=None, help="TOML config file (overrides --preset)")
-    train.add_argument("--epochs", type=int, default=None, help="main training epochs (fine-tuning comes after)")
-    train.add_argument("--out", type=Path, default=None,
-                       help="output directory [default: runs/synthetic, or runs/<data file stem>]")
-    train.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda [default: cpu]")
+    train.add_argument(
+        "--preset",
+        choices=sorted(PRESETS),
+        default=None,
+        help="built-in config: default (compressed synthetic), paper (Appendix B.1), "
+        "vae (the VAE baseline), smiles (used with --data)",
+    )
+    train.add_argument(
+        "--config", type=Path, default=None, help="TOML config file (overrides --preset)"
+    )
+    train.add_argument(
+        "--epochs", type=int, default=None, help="main training epochs (fine-tuning comes after)"
+    )
+    train.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output directory [default: runs/synthetic, or runs/<data file stem>]",
+    )
+    train.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cpu or cuda [default: cpu]"
+    )
     train.add_argument("--prior", choices=["gaussian", "uniform"], default=None)
-    train.add_argument("--proposal", default=None, help="proposal kernel (uniform, tricube, gaussian, ...)")
-    train.add_argument("--mode", choices=["argmax", "sample"], default=None,
-                       help="argmax: DD-VAE; sample: VAE with a cross-entropy decoder")
-    train.add_argument("--data", type=Path, default=None,
-                       help="train on the strings of this file (.smi/.txt/.csv[.gz]) instead of synthetic data")
+    train.add_argument(
+        "--proposal", default=None, help="proposal kernel (uniform, tricube, gaussian, ...)"
+    )
+    train.add_argument(
+        "--mode",
+        choices=["argmax", "sample"],
+        default=None,
+        help="argmax: DD-VAE; sample: VAE with a cross-entropy decoder",
+    )
+    train.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="train on the strings of this file (.smi/.txt/.csv[.gz]) instead of synthetic data",
+    )
     train.add_argument("--column", default=None, help="CSV column holding the strings")
     train.add_argument("--seed", type=int, default=None, help="training seed")
     train.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
-    train.add_argument("--eval-samples", type=int, default=None,
-                       help="prior samples for the evaluation [synthetic: 100000 (or a 400x400 grid "
-                       "for a 2-D uniform prior); other data: 1000]")
-    train.add_argument("--threads", type=int, default=1,
-                       help="CPU threads for torch. 1 by default: this model's small matrices gain "
-                       "little from a second thread, and on a busy machine OpenMP threads that "
-                       "spin-wait for each other made training up to 10x slower")
+    train.add_argument(
+        "--eval-samples",
+        type=int,
+        default=None,
+        help="prior samples for the evaluation [synthetic: 100000 (or a 400x400 grid "
+        "for a 2-D uniform prior); other data: 1000]",
+    )
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads for torch. 1 by default: this model's small matrices gain "
+        "little from a second thread, and on a busy machine OpenMP threads that "
+        "spin-wait for each other made training up to 10x slower",
+    )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
 def _config_from_args(args):
-    from .training import builtin_config, load_config
+    from .trainer import builtin_config, load_config
 
     if args.config is not None:
         path = args.config
@@ -86,7 +124,7 @@ def _default_out(args) -> Path:
 
 
 def _write_json(path: Path, payload: dict) -> None:
-    from .training import write_text_atomic
+    from .io import write_text_atomic
 
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
@@ -106,13 +144,21 @@ def evaluate(trainer, out: Path, eval_samples: int | None) -> dict:
         shared = model.config.prior == "uniform" and model.config.latent_dim == 2
         grid_decoded = synthetic.decode_latent_grid(model, grid) if shared else None
         metrics = synthetic.evaluate_synthetic(
-            model, distribution, n_prior_samples=eval_samples or 100_000, grid=grid,
-            seed=config.train.seed, grid_decoded=grid_decoded,
+            model,
+            distribution,
+            n_prior_samples=eval_samples or 100_000,
+            grid=grid,
+            seed=config.train.seed,
+            grid_decoded=grid_decoded,
         )
         if model.config.latent_dim == 2:
             synthetic.plot_latent_map(
-                model, distribution, out / "latent_map.png", resolution=grid if shared else 300,
-                per_string=metrics["per_string"], grid_decoded=grid_decoded,
+                model,
+                distribution,
+                out / "latent_map.png",
+                resolution=grid if shared else 300,
+                per_string=metrics["per_string"],
+                grid_decoded=grid_decoded,
             )
         print(synthetic.format_probability_table(metrics))
         return metrics
@@ -138,27 +184,34 @@ def evaluate(trainer, out: Path, eval_samples: int | None) -> dict:
 
 
 def train_command(args) -> int:
-    from .training import Trainer
+    from .trainer import Trainer
 
     started = time.perf_counter()
     if args.threads < 1:
         raise SystemExit("error: --threads must be >= 1")
     torch.set_num_threads(args.threads)
     if args.resume:
-        conflicting = [name for name in ("preset", "config", "epochs", "prior", "proposal", "mode", "data", "seed")
-                       if getattr(args, name) is not None]
+        conflicting = [
+            name
+            for name in ("preset", "config", "epochs", "prior", "proposal", "mode", "data", "seed")
+            if getattr(args, name) is not None
+        ]
         if conflicting:
             raise SystemExit(
                 "error: --resume continues the run stored in --out/checkpoint.pt with its own "
                 f"config; drop {', '.join('--' + c for c in conflicting)}"
             )
         out = args.out or Path("runs") / "synthetic"
-        trainer = Trainer.resume(out, device=args.device, progress=not args.no_progress, log_epochs=True)
+        trainer = Trainer.resume(
+            out, device=args.device, progress=not args.no_progress, log_epochs=True
+        )
         print(f"resuming {out} after epoch {trainer.epoch}/{trainer.config.train.total_epochs}")
     else:
         config = _config_from_args(args)
         out = args.out or _default_out(args)
-        trainer = Trainer(config, out, device=args.device, progress=not args.no_progress, log_epochs=True)
+        trainer = Trainer(
+            config, out, device=args.device, progress=not args.no_progress, log_epochs=True
+        )
     c = trainer.config
     print(
         f"{c.name}: {len(trainer.strings)} strings, prior {c.model.prior}, proposal "
@@ -184,11 +237,26 @@ def train_command(args) -> int:
         **metrics,
     }
     _write_json(Path(out) / "metrics.json", summary)
-    headline = {k: metrics[k] for k in ("reconstruction_accuracy", "sampled_reconstruction_accuracy",
-                                        "prior_decoding_tv", "validity", "uniqueness") if k in metrics}
+    headline = {
+        k: metrics[k]
+        for k in (
+            "reconstruction_accuracy",
+            "sampled_reconstruction_accuracy",
+            "prior_decoding_tv",
+            "validity",
+            "uniqueness",
+        )
+        if k in metrics
+    }
     print(" ".join(f"{k} {v:.4f}" for k, v in headline.items()))
-    print(f"wall time {wall:.1f}s; wrote {out}/checkpoint.pt, metrics.json"
-          + (", latent_map.png" if (Path(out) / "latent_map.png").exists() and c.data.is_synthetic else ""))
+    print(
+        f"wall time {wall:.1f}s; wrote {out}/checkpoint.pt, metrics.json"
+        + (
+            ", latent_map.png"
+            if (Path(out) / "latent_map.png").exists() and c.data.is_synthetic
+            else ""
+        )
+    )
     return 0
 
 

@@ -7,6 +7,7 @@ with four special tokens (pad, bos, eos, unk), and stored as an
 eos, padded with pad. The decoder reads ``bos + tokens`` and predicts
 ``tokens + eos``.
 """
+
 from __future__ import annotations
 
 import csv
@@ -14,9 +15,9 @@ import gzip
 import io
 import os
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -166,7 +167,7 @@ class Vocabulary:
         self._tokenize = TOKENIZERS[tokenizer]
 
     @classmethod
-    def build(cls, strings: Sequence[str], tokenizer: str = "char") -> "Vocabulary":
+    def build(cls, strings: Sequence[str], tokenizer: str = "char") -> Vocabulary:
         """The vocabulary of every token in ``strings``, in sorted order."""
         check_tokenizer(tokenizer)
         tokenize = TOKENIZERS[tokenizer]
@@ -188,14 +189,16 @@ class Vocabulary:
 
     @property
     def regular_tokens(self) -> list[str]:
-        return self.itos[len(SPECIAL_TOKENS):]
+        return self.itos[len(SPECIAL_TOKENS) :]
 
     def tokenize(self, string: str) -> list[str]:
         if not isinstance(string, str):
             raise TypeError(f"expected a str, got {type(string).__name__}")
         return self._tokenize(string)
 
-    def encode(self, string: str, max_length: int | None = None, unknown: str = "error") -> list[int]:
+    def encode(
+        self, string: str, max_length: int | None = None, unknown: str = "error"
+    ) -> list[int]:
         """Token ids of ``string`` (no bos/eos)."""
         if unknown not in ("error", "unk"):
             raise ValueError(f"unknown must be 'error' or 'unk', got {unknown!r}")
@@ -232,7 +235,7 @@ class Vocabulary:
         return {"tokens": self.regular_tokens, "tokenizer": self.tokenizer}
 
     @classmethod
-    def from_dict(cls, state: dict) -> "Vocabulary":
+    def from_dict(cls, state: dict) -> Vocabulary:
         return cls(state["tokens"], state["tokenizer"])
 
 
@@ -248,7 +251,7 @@ class SequenceBatch:
     tokens: torch.Tensor
     lengths: torch.Tensor
 
-    def to(self, device) -> "SequenceBatch":
+    def to(self, device) -> SequenceBatch:
         return SequenceBatch(self.tokens.to(device), self.lengths.to(device))
 
     def __len__(self) -> int:
@@ -258,7 +261,9 @@ class SequenceBatch:
 class EncodedStrings:
     """All strings of a data set as one padded id table (see SequenceBatch)."""
 
-    def __init__(self, strings: Sequence[str], vocabulary: Vocabulary, max_length: int | None = None):
+    def __init__(
+        self, strings: Sequence[str], vocabulary: Vocabulary, max_length: int | None = None
+    ):
         strings = load_strings(list(strings))
         encoded = [vocabulary.encode(s, max_length=max_length) for s in strings]
         lengths = np.fromiter((len(e) + 1 for e in encoded), dtype=np.int64, count=len(encoded))
@@ -276,7 +281,7 @@ class EncodedStrings:
     def __len__(self) -> int:
         return len(self.strings)
 
-    def to(self, device) -> "EncodedStrings":
+    def to(self, device) -> EncodedStrings:
         self.tokens = self.tokens.to(device)
         self.lengths = self.lengths.to(device)
         return self
@@ -288,7 +293,9 @@ class EncodedStrings:
         rows = torch.from_numpy(index).to(self.tokens.device)
         return SequenceBatch(self.tokens[rows, :width], self.lengths[rows])
 
-    def batches(self, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> Iterator[SequenceBatch]:
+    def batches(
+        self, batch_size: int, seed: int, epoch: int, shuffle: bool = True
+    ) -> Iterator[SequenceBatch]:
         for index in batch_order(len(self), batch_size, seed, epoch, shuffle):
             yield self.batch(index)
 
@@ -303,14 +310,18 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return rng.permutation(n)
 
 
-def batch_order(n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True) -> list[np.ndarray]:
+def batch_order(
+    n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True
+) -> list[np.ndarray]:
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     order = epoch_permutation(n, seed, epoch) if shuffle else np.arange(n)
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def encode_strings(strings: Sequence[str], vocabulary: Vocabulary, max_length: int | None = None) -> SequenceBatch:
+def encode_strings(
+    strings: Sequence[str], vocabulary: Vocabulary, max_length: int | None = None
+) -> SequenceBatch:
     """One SequenceBatch holding ``strings`` in order."""
     table = EncodedStrings(strings, vocabulary, max_length)
     return SequenceBatch(table.tokens, table.lengths)
