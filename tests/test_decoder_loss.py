@@ -32,6 +32,7 @@ def decoder_loss_on(
     nll_weight=0.0,
     score="logit",
     ignore_index=-100,
+    batch_first=True,
 ):
     if path == "op":  # decoder_loss's fused path on the reference forward
         return ra._decoder_loss(
@@ -44,6 +45,7 @@ def decoder_loss_on(
             ignore_index,
             "reference",
             fused=True,
+            batch_first=batch_first,
         )
     return ddf.decoder_loss(
         logits,
@@ -54,6 +56,7 @@ def decoder_loss_on(
         score=score,
         ignore_index=ignore_index,
         backend=path,
+        batch_first=batch_first,
     )
 
 
@@ -199,15 +202,112 @@ def test_nll_weight_blends_gradients_linearly(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-def test_statistics_are_detached_and_loss_is_not(path):
+def test_losses_carry_gradients_and_accuracies_are_detached(path):
     logits = torch.randn(2, 3, 4, dtype=torch.float64, requires_grad=True)
     target = torch.randint(0, 4, (2, 3))
     out = decoder_loss_on(path, logits, target, 0.2, nll_weight=1.0)
     assert isinstance(out, ddf.DecoderLoss)
-    assert out.loss.requires_grad
-    for name in ("argmax_loss", "nll", "token_accuracy", "sequence_accuracy"):
+    for name in ("loss", "argmax_loss", "nll"):
+        term = getattr(out, name)
+        assert term.requires_grad and term.shape == () and term.dtype == torch.float64
+    for name in ("token_accuracy", "sequence_accuracy"):
         stat = getattr(out, name)
         assert not stat.requires_grad and stat.shape == () and stat.dtype == torch.float64
+
+
+def _blend_oracle(logits, target, score, a, b, c, argmax_weight, nll_weight):
+    """Gradient of c * loss + a * argmax_loss + b * nll from relaxed_argmax_loss and CE."""
+    x = logits.clone().requires_grad_(True)
+    argmax = ddf.relaxed_argmax_loss(x, target, 0.2, score=score, backend="reference")
+    nll = F.cross_entropy(x.reshape(-1, x.shape[-1]), target.reshape(-1), ignore_index=-100)
+    total = c * (argmax_weight * argmax + nll_weight * nll) + a * argmax + b * nll
+    (grad,) = torch.autograd.grad(total, x)
+    return grad
+
+
+@pytest.mark.parametrize("path", PATHS)
+@settings(max_examples=12, deadline=None)
+@given(
+    a=st.sampled_from([0.0, 1.0, -0.5, 3.0]),
+    b=st.sampled_from([0.0, 1.0, 0.25]),
+    c=st.sampled_from([0.0, 1.0]),
+    weights=st.sampled_from([(1.0, 0.0), (0.0, 1.0), (0.7, 0.3)]),
+    score=st.sampled_from(["logit", "prob"]),
+    seed=st.integers(0, 2**16),
+)
+def test_any_blend_of_the_terms_trains_with_the_right_gradient(path, a, b, c, weights, score, seed):
+    # The authors' pretraining blend puts argmax_loss and nll into a loss dict
+    # and weights them there: every blend must get the true gradient,
+    # whatever weights the forward was called with.
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 4, 6, generator=gen, dtype=torch.float64)
+    target = torch.randint(0, 6, (3, 4), generator=gen)
+    target[0, 1] = -100
+    x = logits.clone().requires_grad_(True)
+    out = decoder_loss_on(
+        path, x, target, 0.2, argmax_weight=weights[0], nll_weight=weights[1], score=score
+    )
+    total = c * out.loss + a * out.argmax_loss + b * out.nll
+    if not total.requires_grad:  # a = b = c = 0: nothing to train
+        return
+    (grad,) = torch.autograd.grad(total, x)
+    want = _blend_oracle(logits, target, score, a, b, c, *weights)
+    # float64 on both sides; the fused gradients round differently (sums of V terms)
+    torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_nll_alone_trains_every_decoder_parameter(path):
+    # A decoder trained on out.nll alone got no gradient before; a clamp loop
+    # over p.grad then crashed on None.
+    torch.manual_seed(0)
+    head = torch.nn.Linear(5, 7).double()
+    hidden = torch.randn(2, 3, 5, dtype=torch.float64)
+    target = torch.randint(0, 7, (2, 3))
+    out = decoder_loss_on(path, head(hidden), target, 0.2)
+    out.nll.backward()
+    for p in head.parameters():
+        assert p.grad is not None and torch.count_nonzero(p.grad) > 0
+    x = hidden @ head.weight.detach().T + head.bias.detach()
+    x.requires_grad_(True)
+    F.cross_entropy(x.reshape(-1, 7), target.reshape(-1)).backward()
+    torch.testing.assert_close(head.bias.grad, x.grad.sum(dim=(0, 1)), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_time_major_input_is_read_in_place_and_grouped_by_time(path, monkeypatch):
+    # 2 sequences of length 3 in time-major (L, B, V): sequence 0 decodes
+    # every token, sequence 1 misses one. Read as batch-first it would be
+    # 3 "sequences" of length 2, two of them all correct: 2/3 instead of 1/2.
+    target = torch.tensor([[0, 1], [2, 0], [1, 2]])  # (L, B)
+    logits = torch.full((3, 2, 3), -1.0, dtype=torch.float64)
+    logits.scatter_(2, target.unsqueeze(2), 1.0)
+    logits[1, 1] = torch.tensor([0.0, 0.0, 5.0])  # position 1 of sequence 1 decodes wrong
+    out = decoder_loss_on(path, logits, target, 0.2, batch_first=False)
+    assert float(out.sequence_accuracy) == 0.5
+    assert float(out.token_accuracy) == 5 / 6
+    batch_first = decoder_loss_on(path, logits.transpose(0, 1), target.t(), 0.2)
+    assert float(batch_first.sequence_accuracy) == 0.5
+    torch.testing.assert_close(out.loss, batch_first.loss, rtol=1e-12, atol=0)
+    if path in ("cpp", "op"):  # the fused forward reads the caller's storage
+        seen = []
+        forward = ra.implementation("relaxed_argmax", "cpp" if path == "cpp" else "reference")
+
+        def recording(logits_rows, *args):
+            seen.append(logits_rows.data_ptr())
+            return forward(logits_rows, *args)
+
+        monkeypatch.setattr(ra, "implementation", lambda op, name: recording)
+        decoder_loss_on(path, logits, target, 0.2, batch_first=False)
+        assert seen == [logits.data_ptr()]
+
+
+def test_batch_first_is_a_bool_and_the_layout_is_named_in_errors():
+    logits, target = torch.randn(3, 2, 4), torch.zeros(3, 2, dtype=torch.int64)
+    with pytest.raises(TypeError, match="batch_first"):
+        ddf.decoder_loss(logits, target, 0.2, batch_first=1)
+    with pytest.raises(ValueError, match=r"\(L, B, V\)"):
+        ddf.decoder_loss(logits[0], target[0], 0.2, batch_first=False)
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -220,8 +320,8 @@ def test_all_ignored_and_empty_batches_are_defined(path):
         x = logits.requires_grad_(True)
         out = decoder_loss_on(path, x, target, 0.2, nll_weight=1.0)
         out.loss.backward()
-        assert float(out.loss.detach()) == 0.0 and float(out.argmax_loss) == 0.0
-        assert float(out.nll) == 0.0
+        assert float(out.loss.detach()) == 0.0 and float(out.argmax_loss.detach()) == 0.0
+        assert float(out.nll.detach()) == 0.0
         # no position to decode: vacuously every counted token and sequence is right
         assert float(out.token_accuracy) == 1.0 and float(out.sequence_accuracy) == 1.0
         assert torch.count_nonzero(x.grad) == 0

@@ -5,7 +5,10 @@ Two forms of the same math (docs/loss_backend_contract.md):
   per-position terms; autograd through them is the gradient oracle, and the
   public functions run them for ``backend='reference'``;
 - ``forward``: the backend contract with explicit gradient formulas, so the
-  custom op can run on this backend too (custom ops run without autograd).
+  custom op can run on this backend too (custom ops run without autograd);
+- ``gradient``: that explicit gradient as a differentiable function of the
+  logits. The custom op's backward runs it for double backward and for
+  weights known only at backward time (docs/loss_backend_contract.md).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ __all__ = [
     "accumulate_dtype",
     "correct_rows",
     "forward",
+    "gradient",
     "log_odds",
     "nll_rows",
     "reduce_rows",
@@ -111,6 +115,40 @@ def reduce_rows(rows: Tensor, count: Tensor, reduction: str) -> Tensor:
     return total / count.clamp(min=1)
 
 
+def gradient(
+    x: Tensor,
+    target: Tensor,
+    tau: float,
+    prob_mode: bool,
+    ignore_index: int,
+    argmax_weight,
+    nll_weight,
+) -> Tensor:
+    """d(argmax_weight * argmax_row + nll_weight * nll_row)/dx for (N, V) logits x, in x's dtype.
+
+    The weights are Python floats or tensors broadcasting against (N, 1) (a
+    weight per row). Written in differentiable torch ops, so autograd through
+    it gives exact second derivatives. Ignored rows get a zero gradient.
+    """
+    num_classes = x.shape[1]
+    valid, _, index = _safe_target(target, num_classes, ignore_index)
+    is_target = torch.arange(num_classes, device=x.device) == index.unsqueeze(1)
+    zero = x.new_zeros(())
+    with_nll = not (isinstance(nll_weight, (int, float)) and nll_weight == 0.0)
+    prob = torch.softmax(x, dim=1) if (prob_mode or with_nll) else None
+    scores = prob if prob_mode else x
+    z = (scores - scores.gather(1, index.unsqueeze(1))) / tau + log_odds(tau)
+    # d/dr_s = sigmoid(z_s)/tau for s != t; d/dr_t = -(sum of the others)
+    g = torch.where(is_target, zero, torch.sigmoid(z) / tau)
+    g = g - is_target.to(x.dtype) * g.sum(dim=1, keepdim=True)
+    if prob_mode:  # chain through the softmax Jacobian
+        g = prob * (g - (prob * g).sum(dim=1, keepdim=True))
+    grad = argmax_weight * g
+    if with_nll:
+        grad = grad + nll_weight * (prob - is_target.to(x.dtype))
+    return torch.where(valid.unsqueeze(1), grad, zero)
+
+
 def forward(
     logits: Tensor,
     target: Tensor,
@@ -128,17 +166,13 @@ def forward(
     Returns (argmax_rows, nll_rows, correct_rows, grad) like the 'cpp' and
     'triton' backends; tests check the gradient against autograd of the rows.
     """
-    _num_rows, num_classes = logits.shape
+    num_classes = logits.shape[1]
     acc = accumulate_dtype(logits.dtype)
     x = logits.to(acc)
     valid, in_range, index = _safe_target(target, num_classes, ignore_index)
     bad = valid & ~in_range
-    cols = torch.arange(num_classes, device=logits.device)
-    is_target = cols == index.unsqueeze(1)
-    others = ~is_target
-    prob = torch.softmax(x, dim=1) if (prob_mode or need_nll or nll_weight != 0.0) else None
-
-    scores = prob if prob_mode else x
+    others = torch.arange(num_classes, device=logits.device) != index.unsqueeze(1)
+    scores = torch.softmax(x, dim=1) if prob_mode else x
     z = (scores - scores.gather(1, index.unsqueeze(1))) / tau + log_odds(tau)
     # softplus(z) = -log sigma_tau(r_t - r_s), stable for any z
     pair = -F.logsigmoid(-z)
@@ -156,14 +190,6 @@ def forward(
 
     if not need_grad:
         return argmax_out, nll_out, correct_out, logits.new_empty((0,))
-    # d/dr_s = sigmoid(z_s)/tau for s != t; d/dr_t = -(sum of the others)
-    g = torch.where(others, torch.sigmoid(z) / tau, zero)
-    g = g - is_target.to(acc) * g.sum(dim=1, keepdim=True)
-    if prob_mode:  # chain through the softmax Jacobian
-        g = prob * (g - (prob * g).sum(dim=1, keepdim=True))
-    grad = argmax_weight * g
-    if nll_weight != 0.0:
-        grad = grad + nll_weight * (prob - is_target.to(acc))
+    grad = gradient(x, target, tau, prob_mode, ignore_index, argmax_weight, nll_weight)
     grad = grad * grad_scale.to(acc)
-    grad = torch.where(valid.unsqueeze(1), grad, zero)
     return argmax_out, nll_out, correct_out, grad.to(logits.dtype).contiguous()
