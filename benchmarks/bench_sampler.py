@@ -2,6 +2,15 @@
 
     pytest benchmarks/bench_sampler.py --benchmark-json=bench_sampler.json
     python benchmarks/bench_sampler.py bench_sampler.json     # ratios per kernel
+    python benchmarks/bench_sampler.py rsample --out benchmarks/results/cpu_sampler_rsample.json
+
+The ``rsample`` mode times rsample(mu, sigma) against sample() of the same
+size, interleaved in one run (one round times every case once, in turn; the
+medians over rounds are compared), for every backend that runs here: rsample
+with mu and sigma requiring gradients (the graph is built), and rsample plus its
+backward. ``before`` is the rsample of commit 75da30b, rebuilt here from
+sample(): a sigma > 0 check through a boolean tensor, and a custom autograd
+Function with a clamp to [mu - sigma, mu + sigma].
 
 Compared at shapes (512, 64), (4096, 64), (65536, 64) (a DD-VAE batch of
 latent codes is (batch, 64)):
@@ -19,9 +28,15 @@ extra_info holds samples_per_s (= draws / mean time).
 
 from __future__ import annotations
 
+import argparse
+import datetime
 import json
 import math
+import os
+import platform
+import statistics
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -162,5 +177,138 @@ def report(path):
                     print(line)
 
 
+class _BeforeReparametrize(torch.autograd.Function):
+    """rsample's autograd Function as of commit 75da30b (for the ``before`` timing)."""
+
+    @staticmethod
+    def forward(ctx, mu, sigma, eps, bounded):
+        z = torch.addcmul(mu, sigma, eps)
+        if bounded and z.numel():
+            z = torch.clamp(z, min=mu - sigma, max=mu + sigma)
+        ctx.save_for_backward(eps)
+        ctx.mu_shape, ctx.sigma_shape = mu.shape, sigma.shape
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        (eps,) = ctx.saved_tensors
+        grad_mu = grad.sum_to_size(ctx.mu_shape) if ctx.needs_input_grad[0] else None
+        grad_sigma = (grad * eps).sum_to_size(ctx.sigma_shape) if ctx.needs_input_grad[1] else None
+        return grad_mu, grad_sigma, None, None
+
+
+def _before_rsample(sampler, mu, sigma):
+    if not bool((sigma > 0).all()):
+        raise ValueError("sigma must be > 0 everywhere")
+    eps = sampler.sample(torch.broadcast_shapes(mu.shape, sigma.shape))
+    return _BeforeReparametrize.apply(mu, sigma, eps, sampler.kernel.bounded)
+
+
+def _rsample_cases(backend, shape, proposal):
+    """(cases, sync) for one backend: name -> a call to time."""
+    device = _device(backend)
+    sampler = RejectionSampler(proposal, seed=0, backend=backend, device=device)
+    gen = torch.Generator().manual_seed(0)
+    mu = torch.randn(shape, generator=gen).to(device).requires_grad_()
+    sigma = (torch.rand(shape, generator=gen) + 0.1).to(device).requires_grad_()
+    grad = torch.randn(shape, generator=gen).to(device)
+
+    def rsample_backward():
+        sampler.rsample(mu, sigma).backward(grad)
+
+    def before_backward():
+        _before_rsample(sampler, mu, sigma).backward(grad)
+
+    cases = {
+        "sample": lambda: sampler.sample(shape),
+        "rsample": lambda: sampler.rsample(mu, sigma),
+        "rsample+backward": rsample_backward,
+        "before rsample": lambda: _before_rsample(sampler, mu, sigma),
+        "before rsample+backward": before_backward,
+    }
+    return cases, torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+
+def bench_rsample(shape, backends, proposal, rounds, threads):
+    """Interleaved medians (ms) of sample, rsample, rsample + backward and ``before``."""
+    torch.set_num_threads(threads)
+    rows = []
+    for backend in backends:
+        cases, sync = _rsample_cases(backend, shape, proposal)
+        times = {k: [] for k in cases}
+        for fn in cases.values():  # warm-up: buffer growth, allocations, compilation
+            fn()
+            fn()
+        sync()
+        for _ in range(rounds):
+            for name, fn in cases.items():
+                sync()
+                t0 = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - t0)
+        med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        row = {"backend": backend, "device": _device(backend), "median_ms": med}
+        row["ratio_to_sample"] = {k: v / med["sample"] for k, v in med.items() if k != "sample"}
+        rows.append(row)
+        print(
+            f"{backend:9s} {shape}: "
+            + "  ".join(f"{k} {v:.2f} ms" for k, v in med.items())
+            + "  |  "
+            + "  ".join(f"{k}/sample {v:.2f}" for k, v in row["ratio_to_sample"].items())
+        )
+    return rows
+
+
+def main(argv):
+    if len(argv) == 1 and argv[0].endswith(".json"):
+        return report(argv[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="mode", required=True)
+    rep = sub.add_parser("report", help="ratio table of a pytest-benchmark JSON file")
+    rep.add_argument("path")
+    rs = sub.add_parser("rsample", help="rsample vs sample, interleaved medians")
+    rs.add_argument("--shapes", default="65536x64,4096x64")
+    rs.add_argument("--proposal", default="triweight")
+    rs.add_argument("--rounds", type=int, default=31)
+    rs.add_argument("--threads", type=int, default=2)
+    rs.add_argument("--backends", default=",".join(BACKENDS))
+    rs.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    if args.mode == "report":
+        return report(args.path)
+    results = []
+    for text in args.shapes.split(","):
+        shape = tuple(int(d) for d in text.split("x"))
+        rows = bench_rsample(
+            shape, args.backends.split(","), args.proposal, args.rounds, args.threads
+        )
+        results.append({"shape": list(shape), "rows": rows})
+    if args.out:
+        record = {
+            "command": "python benchmarks/bench_sampler.py " + " ".join(argv),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "machine": {
+                "platform": platform.platform(),
+                "processor": platform.processor(),
+                "cpu_count": os.cpu_count(),
+                "load_average_1_5_15": list(os.getloadavg()),
+                "torch": torch.__version__,
+                "torch_threads": args.threads,
+                "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+                "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            },
+            "note": (
+                "interleaved medians of one run; the 2-core machine is shared with other "
+                "engineers' jobs, so absolute times vary between runs, ratios less"
+            ),
+            "proposal": args.proposal,
+            "rounds": args.rounds,
+            "results": results,
+        }
+        with open(args.out, "w") as f:
+            json.dump(record, f, indent=2)
+
+
 if __name__ == "__main__":
-    report(sys.argv[1])
+    main(sys.argv[1:])

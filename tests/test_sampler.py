@@ -173,7 +173,7 @@ def test_cpp_rejection_stream_matches_numpy_definition(name):
     # 3001 blocks are not a multiple of the 16-lane or the tile width.
     seed, first, n_blocks = 987654321987, 2**32 - 1500, 3001
     expected = expected_rejection_stream(name, seed, first, n_blocks)
-    for simd in cpp.simd_levels():
+    for simd in cpp.supported_isas():
         got = raw_refill(
             "rejection", name, seed, first, n_blocks, need=len(expected) // 2, simd=simd
         )
@@ -223,9 +223,9 @@ def test_cpp_accept_shape_is_pdf_over_k0(name):
     + [("gaussian", "gaussian")],
 )
 def test_cpp_simd_and_scalar_paths_are_bit_identical(method, name):
-    if "avx512" not in cpp.simd_levels():
+    if "avx512" not in cpp.supported_isas():
         pytest.skip("no AVX-512 on this CPU: only the scalar path exists")
-    a = raw_refill(method, name, 77, 2**32 - 2000, 4099, need=1000, simd="scalar")
+    a = raw_refill(method, name, 77, 2**32 - 2000, 4099, need=1000, simd="sse2")
     b = raw_refill(method, name, 77, 2**32 - 2000, 4099, need=1000, simd="avx512")
     assert torch.equal(a, b)
 
@@ -478,6 +478,96 @@ def test_load_state_dict_rejects_a_foreign_state():
         )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "name,bad",
+    [
+        ("quartic", 1.5),
+        ("quartic", -1.0000001),
+        ("quartic", float("nan")),
+        ("quartic", float("inf")),
+        ("gaussian", float("nan")),
+        ("gaussian", float("-inf")),
+    ],
+)
+def test_load_state_dict_refuses_a_corrupt_buffer(backend, name, bad):
+    # A buffer value the kernel cannot produce would be served as a draw: refused,
+    # and the sampler is left exactly as it was.
+    source = RejectionSampler(name, seed=1, backend=backend)
+    source.sample(10)
+    state = source.state_dict()
+    assert state["buffer"].numel() > 3
+    state["buffer"][2] = bad
+    target = RejectionSampler(name, seed=7, backend=backend)
+    with pytest.raises(ValueError, match="corrupt"):
+        target.load_state_dict(state)
+    after = target.state_dict()
+    assert after["seed"] == 7 and after["candidates_drawn"] == 0 and after["buffer"].numel() == 0
+    expected = RejectionSampler(name, seed=7, backend=backend).sample(20)
+    assert torch.equal(target.sample(20), expected)
+    # Values at the support's ends are possible draws ('reference' can give u = -1).
+    if SMOOTHING_KERNELS[name].bounded:
+        state["buffer"][2] = -1.0
+        target.load_state_dict(state)
+        assert target.sample(3)[2] == -1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "key,bad,exc,match",
+    [
+        ("version", 2, ValueError, "version"),
+        ("version", torch.tensor([1, 1]), ValueError, "version"),
+        ("proposal", ["quartic"], ValueError, "proposal"),
+        ("method", "transform", ValueError, "method"),
+        ("backend", "numpy", ValueError, "backend"),
+        ("rank", 1, ValueError, "rank"),
+        ("rank", True, ValueError, "rank"),
+        ("seed", -1, ValueError, "seed"),
+        ("seed", 2**64, ValueError, "seed"),
+        ("seed", 3.0, ValueError, "seed"),
+        ("candidates_drawn", -5, ValueError, "candidates_drawn"),
+        ("candidates_drawn", True, ValueError, "candidates_drawn"),
+        ("buffer", [0.5], ValueError, "buffer"),
+        ("buffer", torch.zeros(2, 2), ValueError, "buffer"),
+        ("buffer", torch.zeros(2, dtype=torch.float16), ValueError, "buffer"),
+    ],
+)
+def test_load_state_dict_refuses_bad_values(backend, key, bad, exc, match):
+    sampler = RejectionSampler("quartic", seed=1, backend=backend)
+    sampler.sample(10)
+    state = sampler.state_dict()
+    expected = [sampler.sample(5) for _ in range(2)]
+    target = RejectionSampler("quartic", seed=1, backend=backend)
+    target.load_state_dict(state)
+    with pytest.raises(exc, match=match):
+        target.load_state_dict({**state, key: bad})
+    # Nothing was applied: the stream continues from the good state.
+    for e in expected:
+        assert torch.equal(target.sample(5), e)
+
+
+@pytest.mark.parametrize(
+    "backend,key,bad,match",
+    [
+        ("cpp", "block_offset", -1, "block_offset"),
+        ("cpp", "block_offset", 2**48 + 1, "block_offset"),  # beyond rank 0's blocks
+        ("cpp", "block_offset", 2.0, "block_offset"),
+        ("reference", "generator_state", torch.zeros(7, dtype=torch.uint8), "generator_state"),
+        ("reference", "generator_state", "state", "generator_state"),
+    ],
+)
+def test_load_state_dict_refuses_a_bad_rng_state(backend, key, bad, match):
+    sampler = RejectionSampler("quartic", seed=1, backend=backend)
+    state = sampler.state_dict()
+    expected = RejectionSampler("quartic", seed=1, backend=backend).sample(100)
+    with pytest.raises(ValueError, match=match):
+        sampler.load_state_dict({**state, key: bad})
+    assert torch.equal(sampler.sample(100), expected)
+    with pytest.raises(ValueError, match="missing"):
+        sampler.load_state_dict({k: v for k, v in state.items() if k != key})
+
+
 def test_seed_none_follows_torch_manual_seed():
     torch.manual_seed(17)
     a = RejectionSampler("cosine", backend="cpp")
@@ -565,13 +655,15 @@ def test_rsample_gradcheck(backend, name):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_rsample_stays_in_support_after_rounding(backend, dtype):
     # |mu| up to ~1e7 with sigma down to 1e-8: mu +- sigma often rounds to mu itself.
     gen = torch.Generator().manual_seed(1)
     scale = 10.0 ** torch.randint(0, 7, (4000,), generator=gen)
     mu = (torch.randn(4000, generator=gen, dtype=torch.float64) * scale).to(dtype)
     sigma = (10.0 ** -torch.randint(0, 9, (4000,), generator=gen).double()).to(dtype)
+    if dtype == torch.float16:  # keep mu and sigma inside float16's finite, nonzero range
+        mu, sigma = mu.clamp(-6e4, 6e4), sigma.clamp(min=6e-8)
     z = RejectionSampler("uniform", seed=2, backend=backend, dtype=dtype).rsample(mu, sigma)
     assert torch.all(z >= mu - sigma) and torch.all(z <= mu + sigma)
     assert torch.isfinite(z).all()
@@ -593,16 +685,70 @@ def test_rsample_non_contiguous_inputs(backend):
 def test_rsample_saves_only_eps():
     mu = torch.zeros(5, requires_grad=True)
     sigma = torch.ones(5, requires_grad=True)
-    z = RejectionSampler("cosine", seed=2, backend="cpp").rsample(mu, sigma)
-    saved = z.grad_fn.saved_tensors
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        z = RejectionSampler("cosine", seed=2, backend="cpp").rsample(mu, sigma)
     assert len(saved) == 1 and torch.equal(saved[0], z.detach())  # eps = z here (mu 0, sigma 1)
 
 
-@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan")])
-def test_rsample_rejects_nonpositive_sigma(bad):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rsample_follows_the_dtype_of_mu_and_sigma(backend):
+    # Draws are made in the stream's work dtype and cast: for every dtype z is
+    # mu + sigma * eps with the same eps (float32 grid values are exact in float64,
+    # and rounded once to half precision).
+    eps = RejectionSampler("quartic", seed=3, backend=backend).sample(50)
+    for dtype in (torch.float64, torch.float16, torch.bfloat16, torch.float32):
+        mu = torch.linspace(-2, 2, 50, dtype=dtype)
+        sigma = torch.full((50,), 0.5, dtype=dtype)
+        z = RejectionSampler("quartic", seed=3, backend=backend).rsample(mu, sigma)
+        assert z.dtype == dtype
+        assert torch.equal(z, torch.addcmul(mu, sigma, eps.to(dtype)))
+
+
+def test_rsample_forward_mode_and_double_backward():
+    # Plain autograd underneath: forward-mode AD and double backward work, and agree
+    # with the closed forms dz = dmu + dsigma * eps, d2z/dsigma2 = 0.
+    mu = torch.randn(4, 3, dtype=torch.float64)
+    sigma = torch.rand(4, 3, dtype=torch.float64) + 0.5
+    eps = RejectionSampler("tricube", seed=1, backend="cpp", dtype=torch.float64).sample((4, 3))
+
+    def fn(m, s):
+        return RejectionSampler("tricube", seed=1, backend="cpp", dtype=torch.float64).rsample(m, s)
+
+    dmu, dsigma = torch.randn_like(mu), torch.randn_like(sigma)
+    _, tangent = torch.func.jvp(fn, (mu, sigma), (dmu, dsigma))
+    torch.testing.assert_close(tangent, dmu + dsigma * eps, rtol=1e-15, atol=1e-15)
+    assert torch.autograd.gradgradcheck(fn, (mu.requires_grad_(), sigma.requires_grad_()))
+
+
+@pytest.mark.parametrize("bad", [0.0, -1.0, float("nan"), float("inf")])
+def test_rsample_rejects_nonpositive_or_nonfinite_sigma(bad):
+    sampler = RejectionSampler("triweight", seed=1, backend="cpp")
     sigma = torch.tensor([1.0, bad])
     with pytest.raises(ValueError, match="sigma"):
-        RejectionSampler("triweight", seed=1, backend="cpp").rsample(torch.zeros(2), sigma)
+        sampler.rsample(torch.zeros(2), sigma)
+    assert sampler.candidates_drawn == 0  # refused before any draw
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float16, torch.bfloat16, torch.float32, torch.float64]),
+    values=st.lists(
+        st.one_of(
+            st.floats(allow_nan=True, allow_infinity=True, allow_subnormal=True),
+            st.sampled_from([0.0, -0.0, 1e-45, -1e-45, 5e-324, float("nan"), -float("nan")]),
+        ),
+        min_size=1,
+        max_size=8,
+    ),
+)
+def test_sigma_check_on_bits_equals_the_float_definition(dtype, values):
+    from ddvae_fast.sampling.sampler import _positive_finite
+
+    x = torch.tensor(values, dtype=torch.float64).to(dtype)  # rounding may make 0 or inf
+    if any(math.isnan(v) and math.copysign(1.0, v) < 0 for v in values):
+        x = torch.where(torch.tensor(values).isnan(), -torch.tensor(float("nan")), x).to(dtype)
+    assert _positive_finite(x) == bool(((x > 0) & (x < math.inf)).all())
 
 
 def test_rsample_input_errors():
@@ -610,13 +756,19 @@ def test_rsample_input_errors():
     with pytest.raises(ValueError, match="broadcast"):
         s.rsample(torch.zeros(3), torch.ones(4))
     with pytest.raises(TypeError, match="dtype"):
-        s.rsample(torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64))
-    with pytest.raises(TypeError, match="dtype"):
         s.rsample(torch.zeros(3), torch.ones(3, dtype=torch.float64))
+    with pytest.raises(TypeError, match="mu must be a real floating"):
+        s.rsample(torch.zeros(3, dtype=torch.int64), torch.ones(3, dtype=torch.int64))
+    with pytest.raises(TypeError, match="sigma must be a real floating"):
+        s.rsample(torch.zeros(3), torch.ones(3, dtype=torch.complex64))
     with pytest.raises(ValueError, match="device"):
         s.rsample(torch.zeros(3, device="meta"), torch.ones(3))
+    with pytest.raises(ValueError, match="device meta"):
+        s.rsample(torch.zeros(3, device="meta"), torch.ones(3, device="meta"))
+    assert s.device == torch.device("cpu") and s.backend == "cpp"  # a refused move changes nothing
     with pytest.raises(TypeError, match="Tensor"):
         s.rsample(0.0, torch.ones(3))
+    assert s.candidates_drawn == 0
 
 
 # ------------------------------------------------------------------ construction errors
@@ -666,3 +818,96 @@ def test_auto_backend_on_cpu_is_cpp_and_package_exports_the_class():
     s = ddf.RejectionSampler("quartic", seed=1)
     assert s.backend == "cpp" and isinstance(s, RejectionSampler)
     assert isinstance(repr(s), str)
+
+
+# ------------------------------------------------------------------ per-rank streams
+@pytest.mark.parametrize("name", ["triweight", "uniform"])
+def test_cpp_rank_streams_are_disjoint_counter_ranges(name):
+    # Rank r of a seed draws Philox blocks [r 2^48, (r + 1) 2^48) of that seed, per the
+    # NumPy stream definition: for one key Philox is a bijection of the counter, so
+    # the ranks' candidates are disjoint segments of one stream.
+    seed = 2**40 + 3
+    for rank in (0, 1, 5, 2**16 - 1):
+        sampler = RejectionSampler(name, seed=seed, backend="cpp", rank=rank)
+        got = sampler.sample(3000)
+        state = sampler.state_dict()
+        first = rank * 2**48
+        assert state["rank"] == rank
+        assert first <= state["block_offset"] < first + 2**48
+        n_blocks = state["block_offset"] - first
+        expected = expected_rejection_stream(name, seed, first, n_blocks)
+        assert np.array_equal(got.double().numpy(), expected[:3000])
+        assert sampler.buffered == len(expected) - 3000
+    assert torch.equal(
+        RejectionSampler(name, seed=seed, backend="cpp", rank=0).sample(100),
+        RejectionSampler(name, seed=seed, backend="cpp").sample(100),
+    )  # rank 0 is the stream of the seed alone
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["quartic", "gaussian"])
+def test_rank_streams_differ_and_reproduce(backend, name):
+    draws = {
+        rank: RejectionSampler(name, seed=11, backend=backend, rank=rank).sample(4000)
+        for rank in (0, 1, 2, 1000)
+    }
+    for rank, x in draws.items():
+        again = RejectionSampler(name, seed=11, backend=backend, rank=rank).sample(4000)
+        assert torch.equal(x, again)
+    # Independent streams share a value only by chance on the float32 grid: a few
+    # hundred of 4000 at most (a birthday count over ~2^24 grid points per unit
+    # interval); shifted or repeated streams would share thousands.
+    values = {rank: set(x.tolist()) for rank, x in draws.items()}
+    for a in draws:
+        for b in draws:
+            if a < b:
+                assert len(values[a] & values[b]) < 200, (a, b)
+
+
+def test_reference_rank_seeds_are_distinct():
+    from ddvae_fast.sampling.reference import stream_seed
+
+    for seed in (0, 1, 2**32 - 1, 2**63 + 12345):
+        seeds = [stream_seed(seed, rank) for rank in range(4096)]
+        assert seeds[0] == seed
+        assert all(0 <= s < 2**64 for s in seeds)
+        # torch's CPU generator reads only the low 32 bits: distinct there too.
+        assert len({s & 0xFFFFFFFF for s in seeds}) == 4096
+    assert stream_seed(5, 1) != stream_seed(6, 0) and stream_seed(5, 1) != 6
+
+
+def test_rank_is_saved_and_checked_on_load():
+    a = RejectionSampler("cosine", seed=3, backend="cpp", rank=2)
+    a.sample(10)
+    state = a.state_dict()
+    with pytest.raises(ValueError, match="rank"):
+        RejectionSampler("cosine", seed=3, backend="cpp", rank=1).load_state_dict(state)
+    b = RejectionSampler("cosine", seed=3, backend="cpp", rank=2)
+    b.load_state_dict(state)
+    assert torch.equal(b.sample(500), a.sample(500))
+    old = {k: v for k, v in RejectionSampler("cosine", seed=3, backend="cpp").state_dict().items()}
+    del old["rank"]  # a state saved before ranks existed is rank 0
+    RejectionSampler("cosine", seed=3, backend="cpp").load_state_dict(old)
+    with pytest.raises(ValueError, match="rank"):
+        RejectionSampler("cosine", seed=3, backend="cpp", rank=1).load_state_dict(old)
+
+
+def test_a_rank_that_used_up_its_blocks_raises_instead_of_entering_the_next():
+    sampler = RejectionSampler("triweight", seed=1, backend="cpp", rank=4)
+    state = sampler.state_dict()
+    sampler.load_state_dict({**state, "block_offset": 5 * 2**48 - 1000})
+    sampler.sample(10)  # a small refill (256 candidates, 128 blocks) still fits
+    with pytest.raises(OverflowError, match="rank 4"):
+        sampler.sample(10_000)
+    last = RejectionSampler("uniform", seed=1, backend="cpp", rank=2**16 - 1)
+    last.load_state_dict({**last.state_dict(), "block_offset": 2**64 - 100})
+    with pytest.raises(OverflowError):
+        last.sample(10_000)
+
+
+@pytest.mark.parametrize(
+    "rank,exc", [(-1, ValueError), (2**16, ValueError), (1.5, TypeError), (True, TypeError)]
+)
+def test_bad_rank(rank, exc):
+    with pytest.raises(exc, match="rank"):
+        RejectionSampler("cosine", seed=1, backend="cpp", rank=rank)

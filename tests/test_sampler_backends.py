@@ -190,3 +190,15 @@ def test_triton_errors():
         s.rsample(torch.zeros(2, device="meta"), torch.ones(2, device="meta"))
     with pytest.raises(ValueError, match="sigma"):
         s.rsample(torch.zeros(2, device=DEVICE), torch.zeros(2, device=DEVICE))
+
+
+@pytest.mark.parametrize("rank", [1, 2**16 - 1])
+def test_triton_rank_streams_equal_cpp_bit_for_bit(rank):
+    # Per-rank streams are Philox block ranges chosen in Python (sampling/philox.py):
+    # both backends draw the same rank r stream, and it differs from rank 0's.
+    t = sampler("quartic", seed=21, rank=rank)
+    c = sampler("quartic", backend="cpp", seed=21, rank=rank)
+    for size in (5, 600):
+        assert torch.equal(t.sample(size).cpu(), c.sample(size))
+    assert t.state_dict()["block_offset"] == c.state_dict()["block_offset"] >= rank * 2**48
+    assert not torch.equal(sampler("quartic", seed=21).sample(600).cpu(), c.sample(600))

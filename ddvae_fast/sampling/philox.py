@@ -4,24 +4,38 @@ docs/sampler_stream_contract.md defines it: Philox4x32-10 keyed by the seed,
 counted by a 64-bit block offset; a refill consumes whole blocks and advances
 the offset, so the RNG state is (seed, block_offset). Both backends draw
 bit-identical values for the same seed and calls.
+
+Per-rank streams: the 2^64 block counter of a seed is cut into ``RANK_LIMIT``
+ranges of ``BLOCKS_PER_RANK`` blocks, and rank r draws only from range r,
+[r 2^48, (r + 1) 2^48). For a fixed key Philox is a bijection of the counter,
+so the streams of two ranks of one seed are disjoint segments of one stream:
+they cannot overlap. Rank 0 starts at block 0, i.e. it is the stream every
+sampler drew before ranks existed. A rank that used up its 2^48 blocks
+(2^49 rejection candidates) raises instead of running into the next rank's.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["PhiloxSource"]
+__all__ = ["BLOCKS_PER_RANK", "RANK_LIMIT", "PhiloxSource"]
 
-_COUNTER_LIMIT = 1 << 64
+RANK_BITS = 16
+RANK_LIMIT = 1 << RANK_BITS  # ranks 0 .. 65535
+BLOCKS_PER_RANK = 1 << (64 - RANK_BITS)
 
 
 class PhiloxSource:
     """Draw source at (seed, block offset); a backend supplies ``per_block`` and ``_launch``."""
 
-    def __init__(self, proposal: str, mode: str, device: torch.device, seed: int, dtype=None):
-        # dtype is ignored: this stream always draws float32.
+    def __init__(
+        self, proposal: str, mode: str, device: torch.device, seed: int, dtype=None, *, rank=0
+    ):
+        # dtype is ignored: this stream always draws float32. rank is checked by
+        # RejectionSampler (0 <= rank < RANK_LIMIT).
         self.proposal, self.mode, self.device, self.seed = proposal, mode, device, seed
-        self.block_offset = 0
+        self.rank = rank
+        self.block_offset = rank * BLOCKS_PER_RANK
         self.work_dtype = torch.float32  # draws are on a 2^-23 grid, exact in any wider dtype
         self.unit = self.per_block()
 
@@ -31,12 +45,18 @@ class PhiloxSource:
     def _launch(self, n_blocks: int, out: torch.Tensor, need: int, buffer: torch.Tensor) -> int:
         raise NotImplementedError
 
+    def _range(self) -> tuple[int, int]:
+        """The blocks [first, end) this rank may draw."""
+        return self.rank * BLOCKS_PER_RANK, (self.rank + 1) * BLOCKS_PER_RANK
+
     def refill(self, n_units: int, out: torch.Tensor, need: int, buffer: torch.Tensor) -> int:
         """Draw ``n_units`` candidates (a multiple of ``unit``); the first ``need`` kept go
         to ``out``, the rest to ``buffer``. Returns how many were kept."""
         n_blocks = n_units // self.unit
-        if self.block_offset + n_blocks >= _COUNTER_LIMIT:
-            raise OverflowError("the Philox block counter of this seed is exhausted (2^64 blocks)")
+        if self.block_offset + n_blocks > self._range()[1]:
+            raise OverflowError(
+                f"rank {self.rank} has used up its 2^{64 - RANK_BITS} Philox blocks of this seed"
+            )
         kept = self._launch(n_blocks, out, need, buffer)
         self.block_offset += n_blocks
         return kept
@@ -45,5 +65,13 @@ class PhiloxSource:
         return {"seed": self.seed, "block_offset": self.block_offset}
 
     def load_state(self, state: dict) -> None:
+        """Checks the block offset against this rank's range, then applies (seed, offset)."""
+        first, end = self._range()
+        offset = state["block_offset"]
+        if isinstance(offset, bool) or not isinstance(offset, int) or not first <= offset <= end:
+            raise ValueError(
+                f"state['block_offset'] must be an int in [{first}, {end}] (the blocks of rank "
+                f"{self.rank}), got {offset!r}"
+            )
         self.seed = int(state["seed"])
-        self.block_offset = int(state["block_offset"])
+        self.block_offset = offset

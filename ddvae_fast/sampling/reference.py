@@ -2,6 +2,13 @@
 
 The oracle the Philox backends are tested against (in distribution, not bit
 for bit: the streams differ). RNG state = the generator's state.
+
+The generator is a CPU one wherever the draws live, and draws are copied to the
+sampler's device: the stream does not depend on the device, so moving a
+sampler (``RejectionSampler.to``) carries it over exactly, and a state saved on
+one device resumes on another.
+
+Per-rank streams: rank r of seed s seeds its generator with ``stream_seed(s, r)``.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ import torch
 from .._checks import check_int
 from ..distributions.smoothing import bounded_kernel
 
-__all__ = ["ReferenceSource", "rejection_candidates", "transform_draws"]
+__all__ = ["ReferenceSource", "rejection_candidates", "stream_seed", "transform_draws"]
 
 
 def rejection_candidates(
@@ -63,29 +70,61 @@ def transform_draws(proposal: str, n: int, generator, device, dtype) -> torch.Te
     raise ValueError(f"kernel {proposal!r} has no closed-form transform sampler")
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _fmix32(h: int) -> int:
+    """MurmurHash3's 32-bit finaliser: a bijection of 32-bit words with _fmix32(0) = 0."""
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & _MASK32
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & _MASK32
+    return h ^ (h >> 16)
+
+
+def stream_seed(seed: int, rank: int) -> int:
+    """The generator seed of rank ``rank`` of ``seed``: seed XOR (f(f(r)) << 32 | f(r)),
+    f = ``_fmix32``.
+
+    f is a bijection with f(0) = 0, so rank 0 keeps the seed (streams drawn before
+    ranks existed are unchanged), and for one seed distinct ranks get distinct seeds
+    in the low 32 bits, which are all that torch's CPU generator (mt19937) uses,
+    as well as in all 64. The mixing keeps nearby (seed, rank) pairs apart:
+    (s, 1) is not (s + 1, 0). Distinct mt19937 seeds give streams that are not
+    provably disjoint, but an overlap within 2^64 draws has probability ~2^-19800
+    (period 2^19937 - 1).
+    """
+    low = _fmix32(rank & _MASK32)
+    return seed ^ ((_fmix32(low) << 32) | low)
+
+
 _OWN_GENERATOR = object()
 
 
 class ReferenceSource:
     """Draw source of backend 'reference'.
 
-    By default it owns a generator seeded with ``seed``. ``sample_standard_kernel``
-    passes ``generator`` instead: that generator is used as it is, and None
-    means torch's global RNG.
+    By default it owns a CPU generator seeded with ``stream_seed(seed, rank)``.
+    ``sample_standard_kernel`` passes ``generator`` instead: that generator is
+    used as it is, on its own device, and None means torch's global RNG of
+    ``device``.
     """
 
     unit = 1
 
-    def __init__(self, proposal, mode, device, seed, dtype, *, generator=_OWN_GENERATOR):
+    def __init__(self, proposal, mode, device, seed, dtype, *, rank=0, generator=_OWN_GENERATOR):
         self.proposal, self.mode, self.device = proposal, mode, device
         self.work_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         if generator is _OWN_GENERATOR:
-            generator = torch.Generator(device=device)
-            generator.manual_seed(seed)
+            generator = torch.Generator()
+            generator.manual_seed(stream_seed(seed, rank))
+        elif rank:
+            raise ValueError("rank applies to the sampler's own generator, not a caller's one")
         self.generator = generator
+        self._draw_device = device if generator is None else generator.device
 
     def _draw(self, n_units: int) -> torch.Tensor:
-        args = (self.generator, self.device, self.work_dtype)
+        args = (self.generator, self._draw_device, self.work_dtype)
         if self.mode == "rejection":
             return rejection_candidates(
                 self.proposal, n_units, generator=args[0], device=args[1], dtype=args[2]
@@ -107,4 +146,15 @@ class ReferenceSource:
         return {"generator_state": self.generator.get_state()}
 
     def load_state(self, state: dict) -> None:
-        self.generator.set_state(state["generator_state"])
+        """Checks the generator state on a scratch generator, then applies it."""
+        value = state["generator_state"]
+        try:
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"a {type(value).__name__}")
+            torch.Generator(device=self.generator.device).set_state(value)
+        except (TypeError, RuntimeError) as exc:
+            raise ValueError(
+                f"state['generator_state'] is not a state of a {self.generator.device.type} "
+                f"torch.Generator: {exc}"
+            ) from None
+        self.generator.set_state(value)
