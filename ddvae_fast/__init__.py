@@ -26,6 +26,7 @@ _LAZY = {
     "kl_divergence": "distributions.kl",
     "uniform_prior_transform": "distributions.transform",
     "RejectionSampler": "sampling.sampler",
+    "SamplerModule": "sampling.sampler",
     "relaxed_argmax_loss": "loss.api",
     "decoder_loss": "loss.api",
     "DecoderLoss": "loss.api",
