@@ -31,6 +31,8 @@ _LAZY = {
     "decoder_loss": "loss.api",
     "DecoderLoss": "loss.api",
     "RelaxedArgmaxLoss": "loss.nn",
+    "linear_relaxed_argmax_loss": "loss.linear",
+    "linear_decoder_loss": "loss.linear",
     "SequenceDDVAE": "seqvae.model",
     "Trainer": "seqvae.trainer",
 }
