@@ -724,6 +724,24 @@ def decoder_loss(
     )
 
 
+def decoder_accuracies(correct_rows: Tensor, count: Tensor, time_dim: int, dtype: torch.dtype):
+    """(token_accuracy, sequence_accuracy), detached, from per-position correctness.
+
+    ``correct_rows`` marks ignored positions correct (the op's convention), so they
+    are taken out of the token count; a sequence is correct if every position along
+    ``time_dim`` is. With no counted position both are 1 (vacuously correct).
+    """
+    acc = dtype
+    one = torch.ones((), dtype=acc, device=correct_rows.device)
+    token_correct = correct_rows.sum() - (correct_rows.numel() - count)
+    token_accuracy = torch.where(count > 0, token_correct.to(acc) / count.clamp(min=1), one)
+    if correct_rows.numel() == 0 or correct_rows.shape[1 - time_dim] == 0:
+        sequence_accuracy = one
+    else:
+        sequence_accuracy = correct_rows.all(dim=time_dim).to(acc).mean()
+    return token_accuracy.detach(), sequence_accuracy.detach()
+
+
 def _decoder_loss(
     logits,
     target,
@@ -738,7 +756,6 @@ def _decoder_loss(
 ):
     """decoder_loss after validation; fused=True runs the custom op on ``backend``'s forward."""
     num_classes = logits.shape[-1]
-    num_sequences = logits.shape[0 if batch_first else 1]
     acc = accumulate_dtype(logits.dtype)
 
     if not fused:
@@ -766,23 +783,13 @@ def _decoder_loss(
         )
         denom = count.clamp(min=1)
 
-    correct_rows = correct_rows.reshape(target.shape)
-    # Ignored positions count as correct in correct_rows; take them out of the token count.
-    num_ignored = target.numel() - count
-    token_correct = correct_rows.sum() - num_ignored
-    token_accuracy = torch.where(
-        count > 0, token_correct.to(acc) / denom, torch.ones((), dtype=acc, device=logits.device)
+    token_accuracy, sequence_accuracy = decoder_accuracies(
+        correct_rows.reshape(target.shape), count, 1 if batch_first else 0, acc
     )
-    if num_sequences == 0:
-        sequence_accuracy = torch.ones((), dtype=acc, device=logits.device)
-    else:
-        # A sequence is correct if every position in it is: group by the time dimension.
-        time_dim = 1 if batch_first else 0
-        sequence_accuracy = correct_rows.all(dim=time_dim).to(acc).mean()
     return DecoderLoss(
         loss,
         argmax_loss,
         nll,
-        token_accuracy.detach(),
-        sequence_accuracy.detach(),
+        token_accuracy,
+        sequence_accuracy,
     )

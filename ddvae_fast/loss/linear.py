@@ -40,7 +40,14 @@ from torch import Tensor
 from .._checks import check_bool, check_choice, check_finite_real, check_int, check_tau
 from ..backends import BACKENDS, implementation
 from . import api
-from .api import REDUCTIONS, SCORES, DecoderLoss, decoder_loss, relaxed_argmax_loss
+from .api import (
+    REDUCTIONS,
+    SCORES,
+    DecoderLoss,
+    decoder_accuracies,
+    decoder_loss,
+    relaxed_argmax_loss,
+)
 from .reference import accumulate_dtype, reduce_rows
 
 __all__ = [
@@ -677,23 +684,15 @@ def linear_decoder_loss(
 
 
 def _statistics(loss, argmax_rows, nll_rows, correct_rows, count, shape, length_dim):
-    """DecoderLoss from the op's rows, as ``decoder_loss`` forms it in loss/api.py."""
-    acc = argmax_rows.dtype
+    """DecoderLoss from the op's rows, with decoder_loss's accuracies."""
     denom = count.clamp(min=1)
-    correct_rows = correct_rows.reshape(shape)
-    # Ignored positions count as correct in correct_rows; take them out of the token count.
-    token_correct = correct_rows.sum() - (correct_rows.numel() - count)
-    one = torch.ones((), dtype=acc, device=loss.device)
-    token_accuracy = torch.where(count > 0, token_correct.to(acc) / denom, one)
-    num_sequences = shape[1 - length_dim]
-    if num_sequences == 0:
-        sequence_accuracy = one
-    else:
-        sequence_accuracy = correct_rows.all(dim=length_dim).to(acc).mean()
+    token_accuracy, sequence_accuracy = decoder_accuracies(
+        correct_rows.reshape(shape), count, length_dim, argmax_rows.dtype
+    )
     return DecoderLoss(
         loss,
         (argmax_rows.sum() / denom).detach(),
         (nll_rows.sum() / denom).detach(),
-        token_accuracy.detach(),
-        sequence_accuracy.detach(),
+        token_accuracy,
+        sequence_accuracy,
     )
