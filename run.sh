@@ -17,6 +17,9 @@ install() {
     "$VENV/bin/python" -m pip install --quiet torch==2.13.0
     # The core, the application extra (the main job) and the test tools.
     "$VENV/bin/python" -m pip install --quiet -e ".[app,test]"
+    # MOSES data and FCD network (application): the molsets wheel's code does not
+    # import with current RDKit/pandas/NumPy, so only its data files are used.
+    "$VENV/bin/python" -m pip install --quiet --no-deps molsets==0.3.1 fcd_torch==1.0.7
     touch "$STAMP"
 }
 
