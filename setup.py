@@ -15,9 +15,16 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _extensions():
-    flags = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=fast"]
+    # No OpenMP: the modules share one persistent thread pool (csrc/common.h says why).
+    flags = ["-O3", "-std=c++17", "-ffp-contract=fast"]
     if os.environ.get("DDVAE_FAST_NATIVE", "0") == "1":
         flags.append("-march=native")
+    # Test-only entry points (csrc: the `math`, `philox4x32_10`, `shape_values`,
+    # `math_values` functions and refill's `park_all`) are compiled only on request;
+    # ./run.sh sets this for the test suite.
+    if os.environ.get("DDVAE_FAST_TEST_HOOKS", "0") == "1":
+        flags.append("-DDDF_TEST_HOOKS")
+    headers = sorted(glob.glob(os.path.join("csrc", "*.h")))
     exts = []
     for src in sorted(glob.glob(os.path.join("csrc", "*.cpp"))):
         name = os.path.splitext(os.path.basename(src))[0]
@@ -25,8 +32,8 @@ def _extensions():
             Pybind11Extension(
                 f"ddvae_fast._{name}",
                 [src],
+                depends=headers,
                 extra_compile_args=flags,
-                extra_link_args=["-fopenmp"],
             )
         )
     return exts

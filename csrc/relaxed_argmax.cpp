@@ -8,12 +8,18 @@
 //               g_s = sigmoid(z_s)/tau, g_t = -sum_{s != t} g_s the logits gradient
 //               is p_s (g_s - sum_j p_j g_j).
 //   nll_row = logsumexp(l) - l_t, d/dl = softmax(l) - onehot(t).
-//   correct_row = 1 iff l_t > l_s for every s != t.
+//   correct_row = 1 iff l_t > l_s for every s != t (so never with a NaN logit,
+//   nor with a tie; as ddvae_fast/loss/reference.py correct_rows).
 //
 // Design
 // - No torch headers: Python hands over data_ptr()s, sizes and the row stride
 //   (all int64, so N*V >= 2^31 is fine). The GIL is released around the compute.
-// - OpenMP over rows: each thread takes one contiguous block of rows.
+// - Threads: rows are cut into chunks of ~64K elements that the caller and the
+//   helpers of ddf::WorkerPool claim (csrc/common.h says why not OpenMP).
+// - dtypes: float32, float64, and bfloat16 / float16 read as they are (no
+//   upcast copy) into fp32 lanes; sums in fp32 lanes flushed to fp64 as for
+//   float32; the gradient is written in the logits dtype, rows in fp32 (fp64
+//   for float64 logits).
 // - Every inner loop works on one register of W lanes (GCC vector extensions),
 //   so it is SIMD whatever the auto-vectoriser decides; exp and log1p are our
 //   own branch-free polynomials (below). The kernels are compiled three times,
@@ -36,8 +42,9 @@
 //   logit, no nll ................. 1 pass: read l, write grad
 //   logit, nll value .............. 2 passes: row max (loads and max only), then
 //                                    the main loop also sums exp(l - max)
-//   logit, nll with gradient ...... 3 passes: as above, then grad += softmax
-//                                    (it needs the logsumexp of the whole row)
+//   logit, nll with gradient ...... 3 passes: row max, sum of exp(l - max), then
+//                                    the main loop writes grad incl. the softmax
+//                                    term (one rounding, also for 16-bit grads)
 //   prob ........................... 3 passes without, 4 with gradient
 //                                    (max | exp + sum | z, sums | softmax-backward
 //                                    rescale), using a per-thread scratch row.
@@ -54,8 +61,6 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <omp.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -63,26 +68,24 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h>
-#define DDF_X86 1
-#else
-#define DDF_X86 0
-#endif
+#include "common.h"
 
 #pragma GCC diagnostic ignored "-Wpsabi"
 
 namespace py = pybind11;
 
-#define DDF_INLINE inline __attribute__((always_inline))
+// The logits dtype, as the Python wrapper (ddvae_fast/loss/cpp.py) encodes it.
+enum Dtype { DTYPE_FLOAT32 = 0, DTYPE_FLOAT64 = 1, DTYPE_BFLOAT16 = 2, DTYPE_FLOAT16 = 3 };
 
 // One kernel launch: pointers (from tensor.data_ptr()), sizes and options.
 struct Call {
   uintptr_t logits, target, grad_scale, loss_out, nll_out, correct_out, grad_out;
   int64_t N, V, row_stride, ignore_index;
-  bool is_double, prob, grad, nll, nll_grad;
+  int dtype;
+  bool prob, grad, nll, nll_grad;
   double tau, aw, nw;
   uintptr_t scratch;  // prob mode: one scratch row of scratch_stride elements per thread
   int64_t scratch_stride;
@@ -90,10 +93,7 @@ struct Call {
 
 // The kernel code below the #else is compiled three times, once per
 // instruction set: this file includes itself inside a namespace under a
-// `#pragma GCC target`. (A target attribute on an entry point alone is not
-// enough: GCC lowers the always-inline helpers' 64-byte vectors for the
-// baseline target before inlining them, which turns broadcasts into 16
-// element inserts.)
+// `#pragma GCC target` (with csrc/simd.h, which says why).
 // DDF_VBYTES is the vector width of each copy: one register (wider vectors
 // run out of registers on AVX2 and spill).
 #define DDF_KERNEL_BODY
@@ -130,79 +130,52 @@ namespace ddf_sse2 {
 namespace {
 
 typedef void (*RowsFn)(const Call&, int64_t, int64_t, int);
+
+#ifdef DDF_TEST_HOOKS
 typedef void (*MathFn)(int, bool, uintptr_t, uintptr_t, int64_t);
-
-struct Isa {
-  const char* name;
-  RowsFn rows;
-  MathFn math;
-  bool supported;
-};
-
-const std::vector<Isa>& isas() {
-  static const std::vector<Isa> all = [] {
-#if DDF_X86
-    __builtin_cpu_init();
-    const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
-                        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
-    const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-    return std::vector<Isa>{{"avx512", ddf_avx512::rows, ddf_avx512::math, avx512},
-                            {"avx2", ddf_avx2::rows, ddf_avx2::math, avx2},
-                            {"sse2", ddf_sse2::rows, ddf_sse2::math, true}};
+#define DDF_COPY(ns) \
+  { ns::rows, ns::math }
 #else
-    return std::vector<Isa>{{"sse2", ddf_sse2::rows, ddf_sse2::math, true}};
+#define DDF_COPY(ns) \
+  { ns::rows }
 #endif
-  }();
-  return all;
-}
 
-// Flush-to-zero and denormals-are-zero in this thread while a kernel runs,
-// restoring the caller's mode after (these are torch's pool threads). Tiny
-// values appear all the time here (exp(-|z|) ~ 1e-30 has a square of 1e-60 in
-// log1p's series) and subnormal arithmetic is many times slower; flushing
-// changes results only below 2^-126 (fp32) / 2^-1022 (fp64), under the
-// kernels' exp cut-off exp(-87) / exp(-708) anyway.
-struct DenormalsAreZero {
-#if DDF_X86
-  unsigned saved = _mm_getcsr();
-  DenormalsAreZero() { _mm_setcsr(saved | 0x8040u); }  // FTZ (bit 15) | DAZ (bit 6)
-  ~DenormalsAreZero() { _mm_setcsr(saved); }
+struct Copy {
+  RowsFn rows;
+#ifdef DDF_TEST_HOOKS
+  MathFn math;
 #endif
 };
 
-void run_rows(RowsFn rows, const Call& a, int64_t lo, int64_t hi, int thread) {
-  DenormalsAreZero ftz;
-  rows(a, lo, hi, thread);
-}
+#if DDF_X86
+const std::vector<std::string> kIsas{"avx512", "avx2", "sse2"};
+const Copy kCopies[] = {DDF_COPY(ddf_avx512), DDF_COPY(ddf_avx2), DDF_COPY(ddf_sse2)};
+#else
+const std::vector<std::string> kIsas{"sse2"};
+const Copy kCopies[] = {DDF_COPY(ddf_sse2)};
+#endif
 
-const Isa& pick_isa(const std::string& name) {
-  for (const Isa& isa : isas()) {
-    if (name == "auto" && isa.supported) return isa;
-    if (name == isa.name) {
-      if (!isa.supported) throw std::invalid_argument("instruction set '" + name + "' is not supported by this CPU");
-      return isa;
-    }
-  }
-  throw std::invalid_argument("unknown instruction set '" + name + "'; expected 'auto', 'avx512', 'avx2' or 'sse2'");
-}
+std::vector<std::string> supported_isas() { return ddf::supported_isas(kIsas); }
 
-std::vector<std::string> supported_isas() {
-  std::vector<std::string> out;
-  for (const Isa& isa : isas())
-    if (isa.supported) out.push_back(isa.name);
-  return out;
-}
+// Rows per chunk: ~64K elements (256 KB of fp32 logits, ~20-50 us of work), so
+// that the caller never waits long for a chunk a helper has claimed.
+constexpr int64_t kChunkElements = int64_t(1) << 16;
+// Below this many elements one thread does it all: waking a helper costs more.
+constexpr int64_t kMinParallelElements = int64_t(1) << 15;
 
 void forward(uintptr_t logits, uintptr_t target, uintptr_t grad_scale, uintptr_t loss_out,
              uintptr_t nll_out, uintptr_t correct_out, uintptr_t grad_out, int64_t N, int64_t V,
-             int64_t row_stride, bool is_double, double tau, bool prob_mode, int64_t ignore_index,
-             double argmax_weight, double nll_weight, bool need_grad, bool need_nll, int num_threads,
-             const std::string& isa_name) {
+             int64_t row_stride, int dtype, double tau, bool prob_mode, int64_t ignore_index,
+             double argmax_weight, double nll_weight, bool need_grad, bool need_nll,
+             int num_threads, const std::string& isa_name) {
   if (N < 0 || V < 1) throw std::invalid_argument("need N >= 0 and V >= 1");
   if (row_stride < 0) throw std::invalid_argument("row_stride must be >= 0");
+  if (dtype < DTYPE_FLOAT32 || dtype > DTYPE_FLOAT16)
+    throw std::invalid_argument(
+        "dtype must be 0 (float32), 1 (float64), 2 (bfloat16) or 3 (float16)");
   if (!(tau > 0.0 && tau < 1.0)) throw std::invalid_argument("tau must lie in (0, 1)");
   if (num_threads < 1) throw std::invalid_argument("num_threads must be >= 1");
-  const Isa& isa = pick_isa(isa_name);
+  const Copy& copy = kCopies[ddf::resolve_isa(isa_name, kIsas)];
   if (N == 0) return;
   if (!logits || !target || !loss_out || !nll_out || !correct_out ||
       (need_grad && (!grad_out || !grad_scale)))
@@ -220,7 +193,7 @@ void forward(uintptr_t logits, uintptr_t target, uintptr_t grad_scale, uintptr_t
   a.V = V;
   a.row_stride = row_stride;
   a.ignore_index = ignore_index;
-  a.is_double = is_double;
+  a.dtype = dtype;
   a.prob = prob_mode;
   a.grad = need_grad;
   a.nll = need_nll;
@@ -231,121 +204,80 @@ void forward(uintptr_t logits, uintptr_t target, uintptr_t grad_scale, uintptr_t
   a.aw = argmax_weight;
   a.nw = nll_weight;
 
-  // Small problems are not worth waking threads for.
-  int64_t nt = std::min<int64_t>(num_threads, N);
-  if (N * V < (int64_t(1) << 15)) nt = 1;
+  const int64_t chunk_rows = std::max<int64_t>(1, kChunkElements / V);
+  const int64_t n_chunks = (N + chunk_rows - 1) / chunk_rows;
+  int64_t nt = std::min<int64_t>(num_threads, n_chunks);
+  if (N * V < kMinParallelElements) nt = 1;
 
-  // Prob-mode scratch, allocated here (outside the parallel region, so an
-  // allocation failure is an ordinary exception).
+  // Prob-mode scratch, allocated here (outside the threads, so an allocation
+  // failure is an ordinary exception).
   const int64_t w = 16;  // >= the widest W of any copy (16 floats)
   const int64_t vpad = (V + w - 1) / w * w;
-  std::vector<double> scratch;  // doubles: large enough for either dtype
+  std::vector<double> scratch;  // doubles: large enough for either compute type
   if (prob_mode) scratch.resize(size_t(nt * 2 * vpad));
   a.scratch = reinterpret_cast<uintptr_t>(scratch.data());
   a.scratch_stride = 2 * vpad;
 
-  const RowsFn rows = isa.rows;
+  // A large gradient is usually a fresh allocation whose pages are first
+  // touched here, by both threads (chunks are claimed alternately); the OS
+  // zeroing those pages costs about one more write pass (bench_in_loop.py in
+  // benchmarks/: kernel_fresh_grad vs kernel_reused_grad). MADV_HUGEPAGE on
+  // the buffer was tried and dropped: a fill of a fresh 262 MB buffer took
+  // 818 ms with it, 864 ms without, 406 ms for a touched one (load ~15); it
+  // saves faults, not the zeroing.
+  const RowsFn rows = copy.rows;
   py::gil_scoped_release nogil;
-  if (nt == 1) {
-    run_rows(rows, a, 0, N, 0);
-    return;
-  }
-  const int64_t per = (N + nt - 1) / nt;
-#pragma omp parallel for schedule(static, 1) num_threads(int(nt))
-  for (int64_t ci = 0; ci < nt; ++ci) {
-    const int64_t lo = ci * per, hi = std::min(N, lo + per);
-    if (lo < hi) run_rows(rows, a, lo, hi, int(ci));
-  }
+  ddf::run_chunks(n_chunks, int(nt), [&](int64_t chunk, int slot) {
+    ddf::DenormalsAreZero ftz;
+    const int64_t lo = chunk * chunk_rows;
+    rows(a, lo, std::min(N, lo + chunk_rows), slot);
+  });
 }
 
+#ifdef DDF_TEST_HOOKS
+// Test hook: the kernels' polynomial exp / log1p, elementwise.
 void math(const std::string& op, uintptr_t in, uintptr_t out, int64_t n, bool is_double,
           const std::string& isa_name) {
   int code;
-  if (op == "exp") code = 0;
-  else if (op == "log1p") code = 1;
-  else throw std::invalid_argument("op must be 'exp' or 'log1p'");
+  if (op == "exp")
+    code = 0;
+  else if (op == "log1p")
+    code = 1;
+  else
+    throw std::invalid_argument("op must be 'exp' or 'log1p'");
   if (n < 0) throw std::invalid_argument("n must be >= 0");
-  const Isa& isa = pick_isa(isa_name);
+  const Copy& copy = kCopies[ddf::resolve_isa(isa_name, kIsas)];
   py::gil_scoped_release nogil;
-  isa.math(code, is_double, in, out, n);
+  copy.math(code, is_double, in, out, n);
 }
+#endif
 
 }  // namespace
 
 PYBIND11_MODULE(_relaxed_argmax, m) {
   m.doc() =
       "Fused relaxed arg-max loss (forward + gradient) on CPU; raw-pointer kernels. "
-      "Use ddvae_fast.cpp_relaxed_argmax.relaxed_argmax_forward, which checks the inputs.";
+      "Use ddvae_fast.loss.cpp.forward, which allocates the outputs.";
   m.def("forward", &forward, py::arg("logits"), py::arg("target"), py::arg("grad_scale"),
         py::arg("loss_out"), py::arg("nll_out"), py::arg("correct_out"), py::arg("grad_out"),
-        py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("is_double"), py::arg("tau"),
+        py::arg("N"), py::arg("V"), py::arg("row_stride"), py::arg("dtype"), py::arg("tau"),
         py::arg("prob_mode"), py::arg("ignore_index"), py::arg("argmax_weight"),
         py::arg("nll_weight"), py::arg("need_grad"), py::arg("need_nll"), py::arg("num_threads"),
         py::arg("isa") = "auto");
+#ifdef DDF_TEST_HOOKS
   m.def("math", &math, py::arg("op"), py::arg("x"), py::arg("out"), py::arg("n"),
         py::arg("is_double"), py::arg("isa") = "auto",
-        "Elementwise vectorised exp (the kernels use x <= 0) or log1p (domain [0, 1]).");
+        "Test hook: elementwise vectorised exp (the kernels use x <= 0) or log1p (domain [0, 1]).");
+#endif
   m.def("supported_isas", &supported_isas, "Instruction sets this CPU runs, best first.");
 }
 
-#else  // DDF_KERNEL_BODY: the kernels, included once per instruction set (no #includes here)
+#else  // DDF_KERNEL_BODY: the kernels, included once per instruction set
 
-// ---------------------------------------------------------------- SIMD lanes
-
-template <typename T>
-struct Lanes;
-
-// W lanes of one DDF_VBYTES-byte register: 16/8/4 floats or 8/4/2 doubles.
-template <>
-struct Lanes<float> {
-  static constexpr int W = DDF_VBYTES / 4;
-  typedef float vec __attribute__((vector_size(DDF_VBYTES)));
-  typedef int32_t lane_int;
-  typedef int32_t mask __attribute__((vector_size(DDF_VBYTES)));
-  typedef uint32_t bits __attribute__((vector_size(DDF_VBYTES)));
-  typedef double wide __attribute__((vector_size(2 * DDF_VBYTES)));  // fp64 accumulators
-  typedef int64_t wide_mask __attribute__((vector_size(2 * DDF_VBYTES)));
-};
-
-template <>
-struct Lanes<double> {
-  static constexpr int W = DDF_VBYTES / 8;
-  typedef double vec __attribute__((vector_size(DDF_VBYTES)));
-  typedef int64_t lane_int;
-  typedef int64_t mask __attribute__((vector_size(DDF_VBYTES)));
-  typedef uint64_t bits __attribute__((vector_size(DDF_VBYTES)));
-  typedef double wide __attribute__((vector_size(DDF_VBYTES)));
-  typedef int64_t wide_mask __attribute__((vector_size(DDF_VBYTES)));
-};
+#include "simd.h"
 
 // fp32 lanes take at most this many additions before being added to fp64 lanes.
 constexpr int64_t FLUSH_CHUNKS = 8;
-
-// Broadcast. x - 0 (not x + 0, which turns -0.0 into +0.0) is exact for every
-// x, so this is a plain broadcast instruction.
-template <typename V, typename S>
-DDF_INLINE V splat(S x) {
-  return x - V{};
-}
-
-template <typename V, typename T>
-DDF_INLINE V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-DDF_INLINE void store(T* p, V v) {
-  std::memcpy(p, &v, sizeof(V));
-}
-
-template <typename T>
-DDF_INLINE typename Lanes<T>::mask iota() {
-  typename Lanes<T>::mask m;
-  for (int j = 0; j < Lanes<T>::W; ++j) m[j] = j;
-  return m;
-}
 
 // Lane j of the chunk starting at `base` is the target iff j == target_lane(t - base).
 template <typename T>
@@ -353,70 +285,6 @@ DDF_INLINE typename Lanes<T>::mask target_lane(int64_t offset) {
   constexpr int64_t W = Lanes<T>::W;
   const int64_t d = offset < -1 ? -1 : (offset > W ? W : offset);
   return splat<typename Lanes<T>::mask>(typename Lanes<T>::lane_int(d));
-}
-
-template <typename T>
-DDF_INLINE typename Lanes<T>::mask lanes_below(int n) {
-  return iota<T>() < splat<typename Lanes<T>::mask>(typename Lanes<T>::lane_int(n));
-}
-
-template <typename T>
-DDF_INLINE typename Lanes<T>::vec vabs(typename Lanes<T>::vec x) {
-  typedef typename Lanes<T>::bits bits;
-  typedef typename Lanes<T>::vec vec;
-  return (vec)((bits)x & (splat<bits>(-1) >> 1));  // clear the sign bit
-}
-
-// Horizontal reductions by halving: log2(W) vector operations on the two
-// halves instead of W - 1 dependent scalar ones (this is per-row work, which
-// matters for small V).
-template <typename E, int BYTES>
-struct VecOf {
-  typedef E type __attribute__((vector_size(BYTES)));
-};
-
-template <typename E, int BYTES, typename Op>
-DDF_INLINE E reduce_tree(typename VecOf<E, BYTES>::type v, Op op) {
-  if constexpr (BYTES == 2 * int(sizeof(E))) {
-    return op(v[0], v[1]);
-  } else {
-    typedef typename VecOf<E, BYTES / 2>::type Half;
-    Half lo, hi;
-    std::memcpy(&lo, &v, BYTES / 2);
-    std::memcpy(&hi, reinterpret_cast<const char*>(&v) + BYTES / 2, BYTES / 2);
-    return reduce_tree<E, BYTES / 2>(op(lo, hi), op);
-  }
-}
-
-struct AddOp {
-  template <typename X>
-  DDF_INLINE X operator()(X a, X b) const { return a + b; }
-};
-
-struct MaxOp {  // NaN lanes lose (as in a > b ? a : b)
-  template <typename X>
-  DDF_INLINE X operator()(X a, X b) const { return a > b ? a : b; }
-};
-
-template <typename T>
-DDF_INLINE double hsum_wide(typename Lanes<T>::wide v) {
-  return reduce_tree<double, int(sizeof(v))>(v, AddOp());
-}
-
-template <typename T>
-DDF_INLINE typename Lanes<T>::wide widen(typename Lanes<T>::vec v) {
-  return __builtin_convertvector(v, typename Lanes<T>::wide);
-}
-
-template <typename T>
-DDF_INLINE T hmax(typename Lanes<T>::vec v) {
-  return reduce_tree<T, int(sizeof(v))>(v, MaxOp());
-}
-
-template <typename T>
-DDF_INLINE int64_t hsum_int(typename Lanes<T>::mask v) {
-  const typename Lanes<T>::wide_mask w = __builtin_convertvector(v, typename Lanes<T>::wide_mask);
-  return reduce_tree<int64_t, int(sizeof(w))>(w, AddOp());
 }
 
 // ------------------------------------------------------------------ exp, log1p
@@ -548,7 +416,49 @@ struct Consts {
 
 // --------------------------------------------------------------- logit mode
 
-template <typename T, bool GRAD, bool NLL>
+// S: the storage type of logits and gradient; T: the compute type.
+template <typename S>
+struct ComputeOf {
+  typedef float type;
+};
+template <>
+struct ComputeOf<double> {
+  typedef double type;
+};
+
+// The sum of exp(l - row_max) over a row, in fp32 lanes flushed to fp64 every
+// FLUSH_CHUNKS chunks (the same order as LogitAcc's own sum).
+template <typename S>
+DDF_INLINE double sum_exp(const S* row, int64_t V, typename ComputeOf<S>::type row_max) {
+  typedef typename ComputeOf<S>::type T;
+  typedef typename Lanes<T>::vec vec;
+  typedef typename Lanes<T>::wide wide;
+  constexpr int W = Lanes<T>::W;
+  const int64_t nfull = V / W;
+  const int rem = int(V % W);
+  const vec mv = splat<vec>(row_max);
+  vec s_lane{};
+  wide s_acc{};
+  for (int64_t b = 0; b < nfull; b += FLUSH_CHUNKS) {
+    const int64_t bend = std::min(nfull, b + FLUSH_CHUNKS);
+    for (int64_t ci = b; ci < bend; ++ci) s_lane += vexp<T>(load_as<T>(row + ci * W) - mv);
+    s_acc += widen<T>(s_lane);
+    s_lane = vec{};
+  }
+  if (rem) {
+    S buf[W];
+    for (int j = 0; j < W; ++j) buf[j] = row[0];  // finite or not, masked out
+    std::memcpy(buf, row + nfull * W, sizeof(S) * rem);
+    const vec u = vexp<T>(load_as<T>(buf) - mv);
+    s_lane += lanes_below<T>(rem) ? u : vec{};
+    s_acc += widen<T>(s_lane);
+  }
+  return hsum_wide<T>(s_acc);
+}
+
+// SUM: the main loop also sums exp(l - row_max) (the nll value without its
+// gradient); SOFTMAX: the gradient includes scale nw softmax (lse known).
+template <typename T, bool GRAD, bool SUM, bool SOFTMAX>
 struct LogitAcc {
   typedef Lanes<T> L;
   typedef typename L::vec vec;
@@ -562,18 +472,21 @@ struct LogitAcc {
   vec row_max;       // logsumexp = max + log(sum exp(l - max)), the sum as above
   vec s_lane{};
   wide s_acc{};
+  vec knll, lse;
 
-  DDF_INLINE LogitAcc(T lt_, T row_max_, const Consts& k)
+  DDF_INLINE LogitAcc(T lt_, T row_max_, double lse_, const Consts& k)
       : lt(splat<vec>(lt_)),
         inv_tau(splat<vec>(T(k.inv_tau))),
         c(splat<vec>(T(k.c))),
         a_sig(splat<vec>(T(k.scale * k.aw * k.inv_tau))),
-        row_max(splat<vec>(row_max_)) {}
+        row_max(splat<vec>(row_max_)),
+        knll(splat<vec>(T(k.scale * k.nw))),
+        lse(splat<vec>(T(lse_))) {}
 
   // One W-lane chunk. keep: lanes that enter the sums (not the target, not
   // padding); valid: lanes that are real logits (only differs on the tail).
-  template <bool TAIL>
-  DDF_INLINE void step(vec l, mask keep, mask valid, T* grad_out) {
+  template <bool TAIL, typename S>
+  DDF_INLINE void step(vec l, mask keep, mask valid, S* grad_out) {
     const vec z = (l - lt) * inv_tau + c;
     const vec e = vexp<T>(-vabs<T>(z));
     const vec sp = (z > vec{} ? z : vec{}) + vlog1p_unit<T>(e);
@@ -583,8 +496,13 @@ struct LogitAcc {
     sig_lane += keep ? sig : vec{};
     const mask nb = ~(lt > l);
     not_below -= TAIL ? (nb & valid) : nb;
-    if (GRAD) store(grad_out, sig * a_sig);
-    if (NLL) {
+    if (GRAD) {
+      if (SOFTMAX)
+        store_as<T>(grad_out, sig * a_sig + knll * vexp<T>(l - lse));
+      else
+        store_as<T>(grad_out, sig * a_sig);
+    }
+    if (SUM) {
       const vec u = vexp<T>(l - row_max);
       s_lane += TAIL ? (valid ? u : vec{}) : u;
     }
@@ -595,88 +513,82 @@ struct LogitAcc {
     sig_acc += widen<T>(sig_lane);
     sp_lane = vec{};
     sig_lane = vec{};
-    if (NLL) {
+    if (SUM) {
       s_acc += widen<T>(s_lane);
       s_lane = vec{};
     }
   }
 };
 
-template <typename T, bool GRAD, bool NLL, bool NLLGRAD>
-DDF_INLINE void logit_row(const T* row, T* grad_row, int64_t V, int64_t t, const Consts& k,
-                          T* loss_out, T* nll_out, uint8_t* correct_out) {
+template <typename S, bool GRAD, bool NLL, bool NLLGRAD>
+DDF_INLINE void logit_row(const S* row, S* grad_row, int64_t V, int64_t t, const Consts& k,
+                          typename ComputeOf<S>::type* loss_out,
+                          typename ComputeOf<S>::type* nll_out, uint8_t* correct_out) {
+  typedef typename ComputeOf<S>::type T;
   typedef Lanes<T> L;
   typedef typename L::vec vec;
   typedef typename L::mask mask;
   constexpr int W = L::W;
-  const T lt = row[t];
+  constexpr bool SUM = NLL && !NLLGRAD;
+  const T lt = ddf::to_float(row[t]);
   const mask lane = iota<T>();
   const mask all = splat<mask>(-1);
   const int64_t nfull = V / W;
   const int rem = int(V % W);
-  // nll: the row max first (a cheap pass; the main loop then sums exp(l - max)
-  // in fp32 lanes flushed to fp64, like the other sums)
+  // nll: the row max first (a cheap pass of loads and max)
   T row_max = 0;
   if (NLL) {
     vec m_lane = splat<vec>(-std::numeric_limits<T>::infinity());
     for (int64_t ci = 0; ci < nfull; ++ci) {
-      const vec l = load<vec>(row + ci * W);
+      const vec l = load_as<T>(row + ci * W);
       m_lane = l > m_lane ? l : m_lane;
     }
     row_max = hmax<T>(m_lane);
-    for (int64_t i = nfull * W; i < V; ++i) row_max = row[i] > row_max ? row[i] : row_max;
+    for (int64_t i = nfull * W; i < V; ++i) {
+      const T x = ddf::to_float(row[i]);
+      row_max = x > row_max ? x : row_max;
+    }
   }
   // +-inf max: shift by 0 (those sums are unused: logsumexp is the max then)
-  LogitAcc<T, GRAD, NLL> acc(lt, std::isfinite(row_max) ? row_max : T(0), k);
+  const T shift = std::isfinite(row_max) ? row_max : T(0);
+  // with the nll gradient the logsumexp comes first (a second pass of loads),
+  // so that the main loop writes each gradient entry once
+  double lse = 0;
+  if (NLLGRAD)
+    lse = std::isfinite(row_max) ? double(row_max) + std::log(sum_exp(row, V, shift))
+                                 : double(row_max);
+  LogitAcc<T, GRAD, SUM, NLLGRAD> acc(lt, shift, lse, k);
 
   for (int64_t b = 0; b < nfull; b += FLUSH_CHUNKS) {
     const int64_t bend = std::min(nfull, b + FLUSH_CHUNKS);
     for (int64_t ci = b; ci < bend; ++ci) {
       const int64_t base = ci * W;
-      acc.template step<false>(load<vec>(row + base), lane != target_lane<T>(t - base), all,
+      acc.template step<false>(load_as<T>(row + base), lane != target_lane<T>(t - base), all,
                                grad_row + base);
     }
     acc.flush();
   }
   if (rem) {
     const int64_t base = nfull * W;
-    T buf[W], gbuf[W];
-    for (int j = 0; j < W; ++j) buf[j] = lt;  // finite padding, masked out
-    std::memcpy(buf, row + base, sizeof(T) * rem);
+    S buf[W], gbuf[W];
+    for (int j = 0; j < W; ++j) buf[j] = row[t];  // padding, masked out
+    std::memcpy(buf, row + base, sizeof(S) * rem);
     const mask valid = lanes_below<T>(rem);
-    acc.template step<true>(load<vec>(buf), valid & (lane != target_lane<T>(t - base)), valid, gbuf);
+    acc.template step<true>(load_as<T>(buf), valid & (lane != target_lane<T>(t - base)), valid,
+                            gbuf);
     acc.flush();
-    if (GRAD) std::memcpy(grad_row + base, gbuf, sizeof(T) * rem);
+    if (GRAD) std::memcpy(grad_row + base, gbuf, sizeof(S) * rem);
   }
 
-  double lse = 0;
-  if (NLL) {
-    lse = std::isfinite(row_max) ? double(row_max) + std::log(hsum_wide<T>(acc.s_acc)) : double(row_max);
-  }
-  if (NLLGRAD) {
-    // second pass (row in cache): grad += scale * nw * softmax
-    const vec knll = splat<vec>(T(k.scale * k.nw));
-    const vec lse_v = splat<vec>(T(lse));
-    for (int64_t ci = 0; ci < nfull; ++ci) {
-      const int64_t base = ci * W;
-      store(grad_row + base,
-            load<vec>(grad_row + base) + knll * vexp<T>(load<vec>(row + base) - lse_v));
-    }
-    if (rem) {
-      const int64_t base = nfull * W;
-      T buf[W], gbuf[W];
-      for (int j = 0; j < W; ++j) buf[j] = gbuf[j] = 0;
-      std::memcpy(buf, row + base, sizeof(T) * rem);
-      std::memcpy(gbuf, grad_row + base, sizeof(T) * rem);
-      store(gbuf, load<vec>(gbuf) + knll * vexp<T>(load<vec>(buf) - lse_v));
-      std::memcpy(grad_row + base, gbuf, sizeof(T) * rem);
-    }
+  if (SUM) {
+    lse = std::isfinite(row_max) ? double(row_max) + std::log(hsum_wide<T>(acc.s_acc))
+                                 : double(row_max);
   }
   if (GRAD) {
     double gt = -(k.scale * k.aw * k.inv_tau) * hsum_wide<T>(acc.sig_acc);
     // softmax_t - 1 = expm1(l_t - lse), accurate also when softmax_t ~ 1
     if (NLLGRAD) gt += k.scale * k.nw * std::expm1(double(lt) - lse);
-    grad_row[t] = T(gt);
+    grad_row[t] = ddf::to_storage_as<S>(gt);
   }
   *loss_out = T(hsum_wide<T>(acc.sp_acc));
   *nll_out = NLL && k.write_nll ? T(lse - double(lt)) : T(0);
@@ -687,15 +599,18 @@ DDF_INLINE void logit_row(const T* row, T* grad_row, int64_t V, int64_t t, const
 
 // scratch: 2 * Vpad elements (Vpad = V rounded up to W): the softmax, then
 // sigmoid(z) (only with GRAD).
-template <typename T, bool GRAD, bool NLL, bool NLLGRAD>
-DDF_INLINE void prob_row(const T* row, T* grad_row, int64_t V, int64_t t, const Consts& k,
-                         T* scratch, T* loss_out, T* nll_out, uint8_t* correct_out) {
+template <typename S, bool GRAD, bool NLL, bool NLLGRAD>
+DDF_INLINE void prob_row(const S* row, S* grad_row, int64_t V, int64_t t, const Consts& k,
+                         typename ComputeOf<S>::type* scratch,
+                         typename ComputeOf<S>::type* loss_out,
+                         typename ComputeOf<S>::type* nll_out, uint8_t* correct_out) {
+  typedef typename ComputeOf<S>::type T;
   typedef Lanes<T> L;
   typedef typename L::vec vec;
   typedef typename L::mask mask;
   typedef typename L::wide wide;
   constexpr int W = L::W;
-  const T lt = row[t];
+  const T lt = ddf::to_float(row[t]);
   const mask lane = iota<T>();
   const int64_t nfull = V / W;
   const int rem = int(V % W);
@@ -708,14 +623,18 @@ DDF_INLINE void prob_row(const T* row, T* grad_row, int64_t V, int64_t t, const 
   // staged in the scratch, padded with -inf, which neither raises the max nor
   // adds to the softmax sum.
   if (rem) {
-    for (int j = 0; j < W; ++j) prob[nfull * W + j] = -std::numeric_limits<T>::infinity();
-    std::memcpy(prob + nfull * W, row + nfull * W, sizeof(T) * rem);
+    S buf[W];
+    for (int j = 0; j < W; ++j) buf[j] = row[t];
+    std::memcpy(buf, row + nfull * W, sizeof(S) * rem);
+    const vec l = load_as<T>(buf);
+    store(prob + nfull * W,
+          lanes_below<T>(rem) ? l : splat<vec>(-std::numeric_limits<T>::infinity()));
   }
   const vec ltv = splat<vec>(lt);
   vec m_lane = splat<vec>(-std::numeric_limits<T>::infinity());
   mask not_below{};
   for (int64_t ci = 0; ci < nchunks; ++ci) {
-    const vec l = ci < nfull ? load<vec>(row + ci * W) : load<vec>(prob + ci * W);
+    const vec l = ci < nfull ? load_as<T>(row + ci * W) : load<vec>(prob + ci * W);
     m_lane = l > m_lane ? l : m_lane;
     mask nb = ~(ltv > l);
     if (ci == nfull) nb &= lanes_below<T>(rem);
@@ -730,7 +649,7 @@ DDF_INLINE void prob_row(const T* row, T* grad_row, int64_t V, int64_t t, const 
   for (int64_t b = 0; b < nchunks; b += FLUSH_CHUNKS) {
     const int64_t bend = std::min(nchunks, b + FLUSH_CHUNKS);
     for (int64_t ci = b; ci < bend; ++ci) {
-      const vec l = ci < nfull ? load<vec>(row + ci * W) : load<vec>(prob + ci * W);
+      const vec l = ci < nfull ? load_as<T>(row + ci * W) : load<vec>(prob + ci * W);
       const vec u = vexp<T>(l - mv);
       store(prob + ci * W, u);
       s_lane += u;
@@ -781,31 +700,33 @@ DDF_INLINE void prob_row(const T* row, T* grad_row, int64_t V, int64_t t, const 
     const vec a0 = splat<vec>(T(k.scale * (k.aw * dot - nw)));
     for (int64_t ci = 0; ci < nfull; ++ci) {
       const int64_t base = ci * W;
-      store(grad_row + base, load<vec>(prob + base) * (load<vec>(sigs + base) * a1 - a0));
+      store_as<T>(grad_row + base, load<vec>(prob + base) * (load<vec>(sigs + base) * a1 - a0));
     }
     if (rem) {
       const int64_t base = nfull * W;
-      T gbuf[W];
-      store(gbuf, load<vec>(prob + base) * (load<vec>(sigs + base) * a1 - a0));
-      std::memcpy(grad_row + base, gbuf, sizeof(T) * rem);
+      S gbuf[W];
+      store_as<T>(gbuf, load<vec>(prob + base) * (load<vec>(sigs + base) * a1 - a0));
+      std::memcpy(grad_row + base, gbuf, sizeof(S) * rem);
     }
     // p_t - 1 = -(S - u_t)/S, without the cancellation of 1 - p_t
     const double pt_minus_one = -(s_sum - u_t) / s_sum;
-    grad_row[t] = T(k.scale * (k.aw * double(pt) * (g_t - dot) + nw * pt_minus_one));
+    grad_row[t] =
+        ddf::to_storage_as<S>(k.scale * (k.aw * double(pt) * (g_t - dot) + nw * pt_minus_one));
   }
   *loss_out = T(hsum_wide<T>(sp_acc));
   *nll_out = NLL && k.write_nll ? T(double(m) + std::log(s_sum) - double(lt)) : T(0);
   *correct_out = hsum_int<T>(not_below) == 1;
 }
 
-template <typename T, bool PROB, bool GRAD, bool NLL, bool NLLGRAD>
+template <typename S, bool PROB, bool GRAD, bool NLL, bool NLLGRAD>
 DDF_INLINE void rows_impl(const Call& a, int64_t lo, int64_t hi, int thread) {
-  const T* logits = reinterpret_cast<const T*>(a.logits);
+  typedef typename ComputeOf<S>::type T;
+  const S* logits = reinterpret_cast<const S*>(a.logits);
   const int64_t* target = reinterpret_cast<const int64_t*>(a.target);
   T* loss = reinterpret_cast<T*>(a.loss_out);
   T* nll = reinterpret_cast<T*>(a.nll_out);
   uint8_t* correct = reinterpret_cast<uint8_t*>(a.correct_out);
-  T* grad = reinterpret_cast<T*>(a.grad_out);
+  S* grad = reinterpret_cast<S*>(a.grad_out);
   T* scratch = reinterpret_cast<T*>(a.scratch) + int64_t(thread) * a.scratch_stride;
   const int64_t V = a.V;
   Consts k;
@@ -816,55 +737,71 @@ DDF_INLINE void rows_impl(const Call& a, int64_t lo, int64_t hi, int thread) {
   k.nw = a.nw;
   k.write_nll = a.nll;
   for (int64_t n = lo; n < hi; ++n) {
-    const T* row = logits + n * a.row_stride;
-    T* grad_row = GRAD ? grad + n * V : nullptr;
+    const S* row = logits + n * a.row_stride;
+    S* grad_row = GRAD ? grad + n * V : nullptr;
     const int64_t t = target[n];
     if (t == a.ignore_index || (V == 1 && t == 0)) {
-      // ignored row, or V == 1: the target is trivially the unique max
+      // ignored row, or V == 1: the target is the unique max unless it is NaN
       loss[n] = 0;
       nll[n] = 0;
-      correct[n] = 1;
-      if (GRAD) std::memset(grad_row, 0, sizeof(T) * V);
+      correct[n] = t == a.ignore_index || !std::isnan(ddf::to_float(row[0]));
+      if (GRAD) std::memset(grad_row, 0, sizeof(S) * V);
       continue;
     }
     if (t < 0 || t >= V) {
       // callers reject these before the kernel; never read out of bounds
       loss[n] = nll[n] = std::numeric_limits<T>::quiet_NaN();
       correct[n] = 0;
-      if (GRAD) std::fill(grad_row, grad_row + V, std::numeric_limits<T>::quiet_NaN());
+      if (GRAD)
+        std::fill(grad_row, grad_row + V,
+                  ddf::to_storage_as<S>(std::numeric_limits<double>::quiet_NaN()));
       continue;
     }
     if (PROB)
-      prob_row<T, GRAD, NLL, NLLGRAD>(row, grad_row, V, t, k, scratch, loss + n, nll + n, correct + n);
+      prob_row<S, GRAD, NLL, NLLGRAD>(row, grad_row, V, t, k, scratch, loss + n, nll + n,
+                                      correct + n);
     else
-      logit_row<T, GRAD, NLL, NLLGRAD>(row, grad_row, V, t, k, loss + n, nll + n, correct + n);
+      logit_row<S, GRAD, NLL, NLLGRAD>(row, grad_row, V, t, k, loss + n, nll + n, correct + n);
   }
 }
 
-template <typename T, bool PROB>
+template <typename S, bool PROB>
 DDF_INLINE void rows_flags(const Call& a, int64_t lo, int64_t hi, int thread) {
   if (a.nll_grad)
-    rows_impl<T, PROB, true, true, true>(a, lo, hi, thread);
+    rows_impl<S, PROB, true, true, true>(a, lo, hi, thread);
   else if (a.grad && a.nll)
-    rows_impl<T, PROB, true, true, false>(a, lo, hi, thread);
+    rows_impl<S, PROB, true, true, false>(a, lo, hi, thread);
   else if (a.grad)
-    rows_impl<T, PROB, true, false, false>(a, lo, hi, thread);
+    rows_impl<S, PROB, true, false, false>(a, lo, hi, thread);
   else if (a.nll)
-    rows_impl<T, PROB, false, true, false>(a, lo, hi, thread);
+    rows_impl<S, PROB, false, true, false>(a, lo, hi, thread);
   else
-    rows_impl<T, PROB, false, false, false>(a, lo, hi, thread);
+    rows_impl<S, PROB, false, false, false>(a, lo, hi, thread);
 }
 
-DDF_INLINE void rows_dispatch(const Call& a, int64_t lo, int64_t hi, int thread) {
-  if (a.is_double) {
-    if (a.prob) rows_flags<double, true>(a, lo, hi, thread);
-    else rows_flags<double, false>(a, lo, hi, thread);
-  } else {
-    if (a.prob) rows_flags<float, true>(a, lo, hi, thread);
-    else rows_flags<float, false>(a, lo, hi, thread);
+template <typename S>
+DDF_INLINE void rows_mode(const Call& a, int64_t lo, int64_t hi, int thread) {
+  if (a.prob)
+    rows_flags<S, true>(a, lo, hi, thread);
+  else
+    rows_flags<S, false>(a, lo, hi, thread);
+}
+
+// Entry point of this instruction set's copy.
+void rows(const Call& a, int64_t lo, int64_t hi, int thread) {
+  switch (a.dtype) {
+    case DTYPE_FLOAT64:
+      return rows_mode<double>(a, lo, hi, thread);
+    case DTYPE_BFLOAT16:
+      return rows_mode<ddf::bf16>(a, lo, hi, thread);
+    case DTYPE_FLOAT16:
+      return rows_mode<ddf::f16>(a, lo, hi, thread);
+    default:
+      return rows_mode<float>(a, lo, hi, thread);
   }
 }
 
+#ifdef DDF_TEST_HOOKS
 // Elementwise exp / log1p over a buffer, for the accuracy tests.
 template <typename T>
 DDF_INLINE void math_impl(int op, uintptr_t in, uintptr_t out, int64_t n) {
@@ -883,16 +820,12 @@ DDF_INLINE void math_impl(int op, uintptr_t in, uintptr_t out, int64_t n) {
   }
 }
 
-DDF_INLINE void math_dispatch(int op, bool is_double, uintptr_t in, uintptr_t out, int64_t n) {
-  if (is_double) math_impl<double>(op, in, out, n);
-  else math_impl<float>(op, in, out, n);
-}
-
-// Entry points of this instruction set's copy.
-void rows(const Call& a, int64_t lo, int64_t hi, int thread) { rows_dispatch(a, lo, hi, thread); }
-
 void math(int op, bool is_double, uintptr_t in, uintptr_t out, int64_t n) {
-  math_dispatch(op, is_double, in, out, n);
+  if (is_double)
+    math_impl<double>(op, in, out, n);
+  else
+    math_impl<float>(op, in, out, n);
 }
+#endif  // DDF_TEST_HOOKS
 
 #endif  // DDF_KERNEL_BODY

@@ -51,7 +51,10 @@ REGISTRY: dict[str, dict[str, Implementation]] = {
     # The fused forward of docs/loss_backend_contract.md.
     "relaxed_argmax": {
         "reference": Implementation("ddvae_fast.loss.reference:forward"),
-        "cpp": Implementation("ddvae_fast.loss.cpp:forward", (torch.float32, torch.float64)),
+        "cpp": Implementation(
+            "ddvae_fast.loss.cpp:forward",
+            (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+        ),
         "triton": Implementation(
             "ddvae_fast.loss.triton:forward", (torch.float32, torch.bfloat16, torch.float16)
         ),

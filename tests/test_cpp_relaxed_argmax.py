@@ -1,4 +1,4 @@
-"""The 'cpp' relaxed arg-max backend (csrc/relaxed_argmax.cpp + ddvae_fast/cpp_relaxed_argmax.py).
+"""The 'cpp' relaxed arg-max backend (csrc/relaxed_argmax.cpp + ddvae_fast/loss/cpp.py).
 
 Every result is compared with an independent float64 computation written here
 in plain PyTorch (direct formulas of docs/loss_backend_contract.md; the gradient by
@@ -21,6 +21,14 @@ underflow floor: the kernel's exp returns 0 below EXP_LO = -87 (fp32) /
 -708 (fp64), and subnormals are flushed, an absolute error < exp(EXP_LO) per term.
 A fixed rtol would be either vacuous for confident rows (loss ~1e-20) or wrong
 for tau = 1e-4 with |logits| = 1e4 (z ~ 1e8).
+
+bfloat16 / float16 logits are tested three ways (cpp and the reference
+backend on the same 16-bit logits, both against float64; see
+check_half_three_way), and NaN / +-inf / tied rows against the reference's
+correct_rows, the definition of a correct row.
+
+The `math` entry point used below is a test hook: the module must be built
+with DDVAE_FAST_TEST_HOOKS=1 (./run.sh does), otherwise these tests fail.
 """
 
 from __future__ import annotations
@@ -638,3 +646,156 @@ def test_empty_batch():
         )
         assert rows.shape == nll.shape == correct.shape == (0,)
         assert grad.shape == ((0, 7) if need_grad else (0,))
+
+
+# --------------------------------------------------------------------------
+# bfloat16 and float16 logits: three-way against float64
+# --------------------------------------------------------------------------
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)
+# unit roundoff of the gradient's storage type
+HALF_UNIT_ROUNDOFF = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
+# float16's smallest subnormal: the absolute resolution of a float16 gradient
+HALF_ABS_FLOOR = {torch.bfloat16: 0.0, torch.float16: 2.0**-24}
+
+
+def check_half_three_way(logits, target, tau, prob_mode, aw, nw, scale, need_grad, need_nll, isa):
+    """cpp on 16-bit logits vs the reference on the same logits, both vs float64.
+
+    Both read the same 16-bit values (exact in fp32 and fp64) and compute in
+    fp32, so the float64 oracle of those values is the truth for both, and the
+    fp32 bounds of ``error_bounds`` (times SAFETY) apply to the cpp rows. The
+    gradient is rounded once to the 16-bit type by each backend; two fp32
+    values within the fp32 bound can round to neighbouring 16-bit values, so
+    cpp may be up to 2 u16 |g| (+ float16's subnormal spacing) further from
+    the truth than the reference: err_cpp <= err_ref + SAFETY fp32 bound + that.
+    """
+    from ddvae_fast.loss.reference import forward as reference_forward
+
+    dtype = logits.dtype
+    grad_scale = torch.tensor(scale, dtype=torch.float32)
+    args = (logits, target, tau, prob_mode, -100, aw, nw, grad_scale, need_grad, need_nll)
+    rows, nll, correct, grad = relaxed_argmax_forward(*args, isa=isa)
+    r_rows, r_nll, r_correct, r_grad = reference_forward(*args)
+    assert rows.dtype == nll.dtype == torch.float32  # as the triton backend
+    assert torch.equal(correct, r_correct)
+    o_rows, o_nll, o_correct, o_grad = oracle(logits, target, tau, prob_mode, -100, aw, nw, scale)
+    assert torch.equal(correct, o_correct)
+    b_rows, b_nll, b_grad = error_bounds(
+        logits.float(), target, tau, prob_mode, -100, aw, nw, scale
+    )
+    k = SAFETY[torch.float32]
+
+    def within(got, ref, truth, bound, what):
+        err = (got.double() - truth).abs()
+        err_ref = (ref.double() - truth).abs()
+        excess = err - err_ref - bound
+        assert (excess <= 0).all(), f"{what}: cpp error exceeds the reference's by {excess.max()}"
+
+    within(rows, r_rows, o_rows, k * b_rows, "argmax rows")
+    if need_nll:
+        within(nll, r_nll, o_nll, k * b_nll, "nll rows")
+    if need_grad:
+        assert grad.dtype == dtype and grad.shape == logits.shape and grad.is_contiguous()
+        rounding = 2.0 * HALF_UNIT_ROUNDOFF[dtype] * o_grad.abs() + HALF_ABS_FLOOR[dtype]
+        within(grad, r_grad, o_grad, k * b_grad + rounding, "grad")
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", HALF_DTYPES)
+@pytest.mark.parametrize("prob_mode", [False, True])
+@pytest.mark.parametrize("num_classes", [5, 64, 1000])
+def test_half_logits_three_way(isa, dtype, prob_mode, num_classes):
+    # V = 5 and 1000 have a tail chunk; rows: random, confident, tied, constant, ignored
+    logits, target = make_case(60, num_classes, dtype, 3.0, -100, seed=num_classes + 1)
+    for need_grad, need_nll, nw in [(True, True, 0.8), (True, False, 0.0), (False, True, 0.0)]:
+        check_half_three_way(
+            logits, target, 0.1, prob_mode, 1.0, nw, 0.25, need_grad, need_nll, isa
+        )
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    dtype=st.sampled_from(HALF_DTYPES),
+    num_classes=st.sampled_from([2, 37, 123, 4099]),
+    prob_mode=st.booleans(),
+    tau=st.sampled_from([0.01, 0.1, 0.9]),
+    logit_scale=st.sampled_from([1.0, 10.0]),
+    row_pad=st.sampled_from([0, 3]),
+    isa=st.sampled_from(ISAS),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_half_logits_three_way_random(
+    dtype, num_classes, prob_mode, tau, logit_scale, row_pad, isa, seed
+):
+    logits, target = make_case(97, num_classes, dtype, logit_scale, -100, seed, row_pad)
+    check_half_three_way(logits, target, tau, prob_mode, 1.0, 0.5, 1.0 / 97, True, True, isa)
+
+
+def test_half_logits_are_not_copied_to_fp32():
+    # Read as they are: the kernel's peak extra memory is its outputs, not an
+    # fp32 copy of the logits (which would show as a 2x larger allocation).
+    logits, target = make_case(4096, 512, torch.bfloat16, 3.0, -100, seed=1)
+    before = logits.clone()
+    out = relaxed_argmax_forward(
+        logits, target, 0.1, False, -100, 1.0, 0.5, torch.tensor(1.0), True, True
+    )
+    assert torch.equal(logits, before) and out[3].dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------
+# Edge values: NaN and +-inf logits, ties (correct_rows of the reference)
+# --------------------------------------------------------------------------
+
+
+def edge_case_rows(num_classes, dtype):
+    """(logits, target, what) with NaN / inf / tie rows; the special value sits in
+    a full chunk and in the tail chunk for the V used below."""
+    nan, inf = math.nan, math.inf
+    rows, target, what = [], [], []
+
+    def add(values, t, label):
+        row = torch.linspace(-1.0, 1.0, num_classes, dtype=torch.float64)
+        for i, v in values.items():
+            row[i % num_classes] = v
+        rows.append(row)
+        target.append(t % num_classes)
+        what.append(label)
+
+    last = num_classes - 1
+    add({0: 5.0}, 0, "finite unique max")
+    add({0: nan}, 0, "NaN at the target")
+    add({0: 5.0, 1: nan}, 0, "NaN elsewhere, early")
+    add({0: 5.0, last: nan}, 0, "NaN elsewhere, last column")
+    add({last: 5.0, 1: nan}, last, "NaN elsewhere, target last")
+    add({0: inf}, 0, "+inf target, unique")
+    add({0: inf, last: inf}, 0, "+inf target tied with +inf")
+    add({0: 5.0, last: inf}, 0, "+inf elsewhere")
+    add({0: -inf}, 0, "-inf target")
+    add({0: 5.0, 1: -inf, last: -inf}, 0, "-inf elsewhere")
+    add({i: -inf for i in range(num_classes)}, 0, "all -inf")
+    add({0: 5.0, last: 5.0}, 0, "finite tie")
+    add({0: 5.0, last: 5.0}, last, "finite tie, target last")
+    add({0: inf, 1: nan}, 0, "+inf target, NaN elsewhere")
+    add({i: nan for i in range(num_classes)}, 0, "all NaN")
+    logits = torch.stack(rows).to(dtype)
+    return logits, torch.tensor(target), what
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES + HALF_DTYPES)
+@pytest.mark.parametrize("prob_mode", [False, True])
+@pytest.mark.parametrize("num_classes", [1, 2, 5, 37, 64])
+def test_correct_rows_with_nan_inf_and_ties(isa, dtype, prob_mode, num_classes):
+    from ddvae_fast.loss.reference import correct_rows
+
+    logits, target, what = edge_case_rows(num_classes, dtype)
+    _, _, correct, _ = relaxed_argmax_forward(
+        logits, target, 0.1, prob_mode, -100, 1.0, 0.5, torch.tensor(1.0), True, True, isa=isa
+    )
+    expected = correct_rows(logits, target, -100)
+    for i, label in enumerate(what):
+        assert bool(correct[i]) == bool(expected[i]), (label, logits[i].tolist())
+    # the definition, independently: a NaN anywhere in the row is never correct
+    has_nan = torch.isnan(logits.double()).any(1)
+    assert not correct[has_nan].any()

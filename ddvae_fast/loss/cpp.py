@@ -16,6 +16,9 @@ from ..backends import cpp_module
 
 __all__ = ["forward", "supported_isas"]
 
+# The dtype codes of csrc/relaxed_argmax.cpp (enum Dtype).
+_DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+
 
 def supported_isas() -> tuple[str, ...]:
     """Instruction sets the compiled kernel can run on this CPU, best first."""
@@ -39,8 +42,10 @@ def forward(
     """Fused relaxed arg-max forward (+ gradient) on CPU; see docs/loss_backend_contract.md.
 
     Returns (argmax_rows, nll_rows, correct_rows, grad): rows in float32
-    (float64 for float64 logits), correct_rows bool, grad a new contiguous
-    (N, V) tensor in the logits dtype, or shape (0,) if need_grad is False.
+    (float64 for float64 logits; float32 for bfloat16 and float16 logits, as
+    the triton backend), correct_rows bool, grad a new contiguous (N, V)
+    tensor in the logits dtype, or shape (0,) if need_grad is False.
+    bfloat16 and float16 logits are read as they are (no upcast copy).
     ``isa`` ('auto', 'avx512', 'avx2', 'sse2') selects the compiled instruction
     set; tests use it to cover every copy of the kernel.
     """
@@ -48,8 +53,9 @@ def forward(
     logits = logits.resolve_neg()  # a lazy negation view (rare) is materialised; else a no-op
     num_rows, num_classes = logits.shape
     dtype = logits.dtype
-    argmax_rows = torch.empty(num_rows, dtype=dtype)
-    nll_rows = torch.empty(num_rows, dtype=dtype)
+    rows_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    argmax_rows = torch.empty(num_rows, dtype=rows_dtype)
+    nll_rows = torch.empty(num_rows, dtype=rows_dtype)
     correct_rows = torch.empty(num_rows, dtype=torch.bool)
     grad = torch.empty((num_rows, num_classes) if need_grad else (0,), dtype=dtype)
     # The kernel writes every element of every output (no zero-fill needed).
@@ -64,7 +70,7 @@ def forward(
         num_rows,
         num_classes,
         logits.stride(0),
-        dtype == torch.float64,
+        _DTYPE_CODES[dtype],
         tau,
         prob_mode,
         ignore_index,
