@@ -121,9 +121,18 @@ def _rejection_candidates(
     return u, keep
 
 
+# The scalar arguments carry fixed types: Triton would otherwise type an int
+# argument by its value (i32 below 2^31, i64, u64 from 2^63), so seeds and
+# counter offsets of different sizes would compile different variants, and
+# its value specializations (== 1, divisible by 16) would add more.
 @triton.jit(do_not_specialize=["seed", "block_offset", "n_blocks"])
 def rejection_count_kernel(
-    counts_ptr, seed, block_offset, n_blocks, KERNEL: tl.constexpr, BLOCK: tl.constexpr
+    counts_ptr,
+    seed: tl.uint64,
+    block_offset: tl.uint64,
+    n_blocks: tl.int64,
+    KERNEL: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     _, keep = _rejection_candidates(seed, block_offset, n_blocks, pid, KERNEL, BLOCK)
@@ -135,10 +144,10 @@ def rejection_write_kernel(
     out_ptr,
     buffer_ptr,
     ends_ptr,
-    seed,
-    block_offset,
-    n_blocks,
-    need,
+    seed: tl.uint64,
+    block_offset: tl.uint64,
+    n_blocks: tl.int64,
+    need: tl.int64,
     KERNEL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
@@ -241,10 +250,10 @@ def _box_muller(a, b):
 def transform_kernel(
     out_ptr,
     buffer_ptr,
-    seed,
-    block_offset,
-    n_blocks,
-    need,
+    seed: tl.uint64,
+    block_offset: tl.uint64,
+    n_blocks: tl.int64,
+    need: tl.int64,
     MODE: tl.constexpr,
     KERNEL: tl.constexpr,
     PER_BLOCK: tl.constexpr,

@@ -8,7 +8,8 @@ tau in (0, 1) and c = log(1/tau - 1):
   d/dl_s = sigmoid(z_s)/tau, d/dl_t = -sum_{s != t} sigmoid(z_s)/tau.
 - 'prob' mode: the same on p = softmax(l); the gradient goes through the
   softmax backward p_s (g_s - sum_j p_j g_j).
-- nll_row = logsumexp(l) - l_t, correct_row = [l_t > l_s for every s != t].
+- nll_row = logsumexp(l) - l_t, correct_row = [l_t > l_s for every s != t] and
+  no NaN in the row.
 
 Kernel shape (the Liger-Kernel cross-entropy layout): one program per row, the
 gradient is written during the forward pass, row offsets are int64
@@ -31,11 +32,14 @@ Memory traffic per row (V elements; "read" = one pass over the logits row):
 plus one scalar load of l_t per row. Lanes past V load l_t, so like the
 target's lane (excluded from every sum) they keep all intermediates finite.
 The one-block path keeps the whole row in registers. MAX_BLOCK_V = 8192 with
-num_warps = BLOCK_V // 512 (16 warps at the cap) gives 16 fp32 values per
-thread per live row vector; a 512-thread block may use at most 65536 / 512 =
-128 registers per thread. ptxas (sm_90a, Triton 3.9, compile only) reports
-for the fused prob path 99-110 registers and no spills at 8192, but 1.2 KB of
-spills at 16384 with 16 warps (52 B with 32 warps), hence the 8192 cap.
+16 warps gives 16 fp32 values per thread per live row vector (a 512-thread
+block may use at most 65536 / 512 = 128 registers per thread); below it, and
+for the chunked path's 4096-column chunks, ddvae_fast/loss/triton.py picks
+warps for at most 8 values per thread. tests/test_aot_compile.py compiles
+every specialization for sm_80 and sm_90a (Triton 3.9) and requires zero
+spills: with 16 values per thread the chunked path at 8192 / 16 warps spilled
+8-24 B, and so did the 512-column block on one warp (sm_80); at 8 per thread
+the worst of those compiled to 82-89 registers and no spills.
 DD-VAE vocabularies (SMILES ~30-100 tokens, binary MNIST 2) are far below it.
 
 Numerics (fp32 throughout, float64-checked in tests/test_triton_relaxed_argmax.py):
@@ -59,7 +63,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-# Largest row chunk (a power of two), and the largest V for the fused
+# Largest one-block row (a power of two): the largest V for the fused
 # single-read paths. See the module docstring for why 8192.
 MAX_BLOCK_V = 8192
 MIN_BLOCK_V = 16
@@ -145,6 +149,15 @@ def _nll_and_softmax_terms(l_t, m, d_other):
 
 
 @triton.jit
+def _unique_max(l_t, max_other, nan_others, V):
+    """correct_rows of ddvae_fast/loss/reference.py: every other logit strictly
+    below l_t, and no NaN in the row (a tie or a NaN is never correct). NaNs are
+    counted, not left to max: tl.max/tl.maximum keep a NaN under the interpreter
+    but drop it (maxnum) in the GPU backend."""
+    return ((max_other < l_t) | (V == 1)) & (l_t == l_t) & (nan_others == 0)
+
+
+@triton.jit
 def _store_row_outputs(argmax_ptr, nll_ptr, correct_ptr, row, t_ok, loss, nll, correct):
     # An out-of-range target never reaches here through the public API; if it
     # does, NaN losses flag it instead of a silent number.
@@ -179,7 +192,13 @@ def _store_ignored_row(
 # --------------------------------------------------------------------------- #
 # Kernels: one program per row
 # --------------------------------------------------------------------------- #
-@triton.jit
+# ignore_index is only compared, so specializing on its value (== 1, divisible
+# by 16) would add compiled variants for nothing; need_nll only zeroes an
+# output, a runtime flag rather than a second compiled variant.
+@triton.jit(
+    do_not_specialize=["ignore_index", "need_nll"],
+    do_not_specialize_on_alignment=["target_ptr", "grad_scale_ptr"],
+)
 def relaxed_argmax_logit_kernel(
     logits_ptr,
     target_ptr,
@@ -195,15 +214,15 @@ def relaxed_argmax_logit_kernel(
     log_odds,
     argmax_weight,
     nll_weight,
+    need_nll,
     BLOCK_V: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
     NEED_GRAD: tl.constexpr,
-    NEED_NLL: tl.constexpr,
     NLL_GRAD: tl.constexpr,
     COMPUTE_LSE: tl.constexpr,
 ):
     """'logit' mode. NLL_GRAD: need_grad and nll_weight != 0 (the gradient then
-    contains softmax(l)); COMPUTE_LSE: NEED_NLL or NLL_GRAD (otherwise no exp
+    contains softmax(l)); COMPUTE_LSE: need_nll or NLL_GRAD (otherwise no exp
     is spent on the logsumexp)."""
     row = tl.program_id(0).to(tl.int64)
     t = tl.load(target_ptr + row)
@@ -231,6 +250,7 @@ def relaxed_argmax_logit_kernel(
         loss = tl.sum(tl.where(keep, softplus, 0.0), axis=0)
         g_sum = tl.sum(tl.where(keep, g, 0.0), axis=0)
         max_other = tl.max(tl.where(keep, l, float("-inf")), axis=0)
+        nan_others = tl.sum((keep & (l != l)).to(tl.int32), axis=0)
         if COMPUTE_LSE:
             m = tl.maximum(l_t, max_other)
             e = tl.where(keep, tl.exp(l - m), 0.0)
@@ -247,6 +267,7 @@ def relaxed_argmax_logit_kernel(
         loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
         g_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
         max_other = float("-inf")
+        nan_others = 0
         m = l_t
         d_other = 0.0
         # Pass 1: losses, sum of sigmoids, online max / sum-exp; without the
@@ -262,6 +283,7 @@ def relaxed_argmax_logit_kernel(
             loss_acc += tl.where(keep, softplus, 0.0)
             g_acc += tl.where(keep, g, 0.0)
             max_other = tl.maximum(max_other, tl.max(tl.where(keep, l, float("-inf")), axis=0))
+            nan_others += tl.sum((keep & (l != l)).to(tl.int32), axis=0)
             if COMPUTE_LSE:
                 m_new = tl.maximum(m, max_other)
                 d_other = d_other * tl.exp(m - m_new) + tl.sum(
@@ -293,13 +315,15 @@ def relaxed_argmax_logit_kernel(
             else:
                 tl.store(grad_row + t, target_grad.to(grad_ptr.dtype.element_ty), mask=t_ok)
 
-    if not NEED_NLL:
-        nll = 0.0
-    correct = (max_other < l_t) | (V == 1)
+    nll = tl.where(need_nll, nll, 0.0)
+    correct = _unique_max(l_t, max_other, nan_others, V)
     _store_row_outputs(argmax_ptr, nll_ptr, correct_ptr, row, t_ok, loss, nll, correct)
 
 
-@triton.jit
+@triton.jit(
+    do_not_specialize=["ignore_index", "need_nll"],
+    do_not_specialize_on_alignment=["target_ptr", "grad_scale_ptr"],
+)
 def relaxed_argmax_prob_kernel(
     logits_ptr,
     target_ptr,
@@ -315,10 +339,10 @@ def relaxed_argmax_prob_kernel(
     log_odds,
     argmax_weight,
     nll_weight,
+    need_nll,
     BLOCK_V: tl.constexpr,
     ONE_BLOCK: tl.constexpr,
     NEED_GRAD: tl.constexpr,
-    NEED_NLL: tl.constexpr,
 ):
     """'prob' mode: the relaxed arg max on p = softmax(l).
 
@@ -346,6 +370,7 @@ def relaxed_argmax_prob_kernel(
         keep = mask & (cols != t)
         l = tl.load(logits_row + cols, mask=mask, other=l_t).to(tl.float32)
         max_other = tl.max(tl.where(keep, l, float("-inf")), axis=0)
+        nan_others = tl.sum((keep & (l != l)).to(tl.int32), axis=0)
         m = tl.maximum(l_t, max_other)
         e = tl.where(keep, tl.exp(l - m), 0.0)
         nll, inv_d, p_t, p_other = _nll_and_softmax_terms(l_t, m, tl.sum(e, axis=0))
@@ -376,6 +401,7 @@ def relaxed_argmax_prob_kernel(
     else:
         # Pass 1: online row max and sum of exp over s != t.
         max_other = float("-inf")
+        nan_others = 0
         m = l_t
         d_other = 0.0
         for start in range(0, V, BLOCK_V):
@@ -384,6 +410,7 @@ def relaxed_argmax_prob_kernel(
             keep = mask & (offs != t)
             l = tl.load(logits_row + offs, mask=mask, other=l_t).to(tl.float32)
             max_other = tl.maximum(max_other, tl.max(tl.where(keep, l, float("-inf")), axis=0))
+            nan_others += tl.sum((keep & (l != l)).to(tl.int32), axis=0)
             m_new = tl.maximum(m, max_other)
             d_other = d_other * tl.exp(m - m_new) + tl.sum(
                 tl.where(keep, tl.exp(l - m_new), 0.0), axis=0
@@ -438,7 +465,6 @@ def relaxed_argmax_prob_kernel(
                 grad = tl.where(offs == t, target_grad, grad)
                 tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
-    if not NEED_NLL:
-        nll = 0.0
-    correct = (max_other < l_t) | (V == 1)
+    nll = tl.where(need_nll, nll, 0.0)
+    correct = _unique_max(l_t, max_other, nan_others, V)
     _store_row_outputs(argmax_ptr, nll_ptr, correct_ptr, row, t_ok, loss, nll, correct)
