@@ -60,6 +60,8 @@ def test_train_writes_checkpoint_metrics_and_map(tmp_path, tiny_config, capsys):
             "--out",
             str(out),
             "--no-progress",
+            "--divergence-samples",
+            "5000",
             "--seed",
             "3",
         ]
@@ -76,28 +78,41 @@ def test_train_writes_checkpoint_metrics_and_map(tmp_path, tiny_config, capsys):
     decoded = sum(r["decoded_probability"] for r in metrics["per_string"])
     assert decoded + metrics["prior_decoding_lost_mass"] == pytest.approx(1.0)
     assert metrics["config"]["train"]["seed"] == 3 and metrics["epochs_completed"] == 3
+    assert metrics["prior_decoding_divergence_samples"] == 5000
+    assert metrics["prior_decoding_js"] >= 0 and metrics["prior_decoding_kl"] >= 0
     printed = capsys.readouterr().out
     assert "true" in printed and "decoded" in printed and "111111" in printed
 
     # Resuming a finished run trains nothing more and re-evaluates the same model.
-    assert cli.main(["train", "--resume", "--out", str(out), "--no-progress"]) == 0
+    resume = [
+        "train",
+        "--resume",
+        "--out",
+        str(out),
+        "--no-progress",
+        "--divergence-samples",
+        "5000",
+    ]
+    assert cli.main(resume) == 0
     again = json.loads((out / "metrics.json").read_text())
     assert again["epochs_this_run"] == 0
     assert again["reconstruction_accuracy"] == metrics["reconstruction_accuracy"]
     assert again["prior_decoding_tv"] == metrics["prior_decoding_tv"]
-    with pytest.raises(SystemExit, match="--resume"):
-        cli.main(["train", "--resume", "--out", str(out), "--epochs", "5"])
+    assert cli.main(["train", "--resume", "--out", str(out), "--epochs", "5"]) == 2
+    assert "--resume continues" in capsys.readouterr().err
 
 
 def test_resume_through_the_cli_matches_an_uninterrupted_run(tmp_path, tiny_config):
     from ddvae_fast.seqvae.trainer import Trainer
 
     args = ["train", "--config", str(tiny_config), "--epochs", "2", "--no-progress"]
+    args += ["--divergence-samples", "5000"]
     assert cli.main(args + ["--out", str(tmp_path / "straight")]) == 0
     # The same run killed after its first epoch, then resumed from the command line.
     config = cli._config_from_args(cli._parser().parse_args(args))
     Trainer(config, tmp_path / "resumed", progress=False).fit(stop_after=1)
-    assert cli.main(["train", "--resume", "--out", str(tmp_path / "resumed"), "--no-progress"]) == 0
+    resume = ["train", "--resume", "--out", str(tmp_path / "resumed"), "--no-progress"]
+    assert cli.main(resume + ["--divergence-samples", "5000"]) == 0
     a = torch.load(tmp_path / "straight" / "checkpoint.pt", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
     assert a["epoch"] == b["epoch"] == 3
@@ -128,6 +143,8 @@ def test_vae_baseline_on_a_gaussian_square(tmp_path, tiny_config):
             "--no-progress",
             "--eval-samples",
             "2000",
+            "--divergence-samples",
+            "5000",
         ]
     )
     assert code == 0
@@ -147,7 +164,9 @@ def test_presets_resolve_to_the_paper_recipe():
     )
     assert default.train.finetune_epochs >= 1 and default.train.epochs < 100
     paper = cli._config_from_args(parse(["train", "--preset", "paper"]))
-    assert (paper.train.epochs, paper.train.finetune_epochs, paper.train.tau_end) == (100, 10, 1e-2)
+    # Figure 5's U_T run as published: beta 0 -> 0.1, no fine-tuning (issue 8's table).
+    assert (paper.train.epochs, paper.train.finetune_epochs) == (100, 0)
+    assert (paper.train.beta_end, paper.train.tau_end) == (0.1, 1e-2)
     vae = cli._config_from_args(
         parse(
             [
@@ -163,11 +182,15 @@ def test_presets_resolve_to_the_paper_recipe():
             ]
         )
     )
-    assert (vae.model.mode, vae.train.beta_end, vae.train.tau_end) == ("sample", 0.1, 1e-3)
+    assert (vae.model.mode, vae.train.beta_end) == ("sample", 0.1)
     uniform = cli._config_from_args(
         parse(["train", "--preset", "paper", "--proposal", "uniform", "--epochs", "7"])
     )
-    assert (uniform.train.beta_end, uniform.train.epochs) == (0.1, 7)
+    assert (uniform.train.beta_end, uniform.train.tau_end, uniform.train.epochs) == (1.0, 1e-3, 7)
+    # The default --out is one directory per configuration, not one for all runs.
+    assert cli._default_out(default) != cli._default_out(paper) != cli._default_out(uniform)
+    seeded = cli._config_from_args(parse(["train", "--seed", "4"]))
+    assert cli._default_out(seeded) != cli._default_out(default)
     smiles = cli._config_from_args(parse(["train", "--data", "x.smi"]))
     assert smiles.data.tokenizer == "smiles" and smiles.data.source == "x.smi"
 

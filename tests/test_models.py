@@ -168,6 +168,29 @@ def test_greedy_decode_matches_teacher_forced_argmax(seed, scale):
         assert ddf.deterministic_argmax(logits).tolist() == batch.tokens[0].tolist()
 
 
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 10_000), scale=st.floats(0.1, 30.0))
+def test_decode_counts_match_decode(seed, scale):
+    # decode_counts counts token-id rows; decode builds the strings: the same
+    # decoding, so the counts must equal a Counter of decode's outputs, with
+    # chunk boundaries anywhere.
+    model = _model(seed=seed % 5)
+    z = torch.randn(300, 2, generator=torch.Generator().manual_seed(seed)) * scale
+    expected = {}
+    for s in model.decode(z):
+        expected[s] = expected.get(s, 0) + 1
+    assert model.decode_counts(z, chunk_size=77) == expected
+    assert model.decode_counts(z[:0]) == {}
+
+
+def test_encode_refuses_a_single_string():
+    model = _model()
+    with pytest.raises(TypeError, match="list of str"):
+        model.encode("0110")
+    mu, _ = model.encode(["0110"])
+    assert mu.shape == (1, 2)
+
+
 def test_decode_validates_z():
     model = _model()
     with pytest.raises(ValueError, match="shape"):

@@ -1,21 +1,27 @@
 """Command line: ``ddvae-fast train`` (by default the synthetic experiment of Section 4.1).
 
-    ddvae-fast train                        compressed B.1 recipe, < 5 min on 2 CPU cores
-    ddvae-fast train --preset paper         the full Appendix B.1 recipe (100 + 10 epochs)
+    ddvae-fast train                        compressed recipe, < 5 min on 2 CPU cores
+    ddvae-fast train --preset paper         Figure 5's U_T run as published (100 epochs)
+    ddvae-fast train --preset paper --proposal uniform                 the U_U run
     ddvae-fast train --preset paper --prior gaussian --proposal gaussian --mode sample
-                                            the beta-VAE baseline of Figure 5 (right)
+                                            the VAE of Figure 5 (N_N)
     ddvae-fast train --data mols.smi        the same machinery on SMILES strings
     ddvae-fast train --resume --out DIR     continue an interrupted run exactly
 
-Writes to --out: checkpoint.pt, metrics.csv (per epoch), metrics.json and,
-for the 2-D synthetic models, latent_map.png (Figure 5).
+Writes to --out (default: runs/<config>-<prior>-<proposal>-<mode>-seed<seed>):
+checkpoint.pt, metrics.csv (per epoch), metrics.json and, for the 2-D
+synthetic models, latent_map.png (Figure 5). An --out that already holds a run
+is refused unless --resume or --overwrite is given. Every input error is one
+line "error: ..." and exit code 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -24,7 +30,7 @@ import torch
 PRESETS = {
     "default": "synthetic",
     "paper": "synthetic_paper",
-    "vae": "synthetic_vae",
+    "vae": "figure5_nn",
     "smiles": "smiles",
 }
 
@@ -52,7 +58,13 @@ def _parser() -> argparse.ArgumentParser:
         "--out",
         type=Path,
         default=None,
-        help="output directory [default: runs/synthetic, or runs/<data file stem>]",
+        help="output directory [default: runs/<config name or data file stem>-<prior>-"
+        "<proposal>-<mode>-seed<seed>]",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the run already in --out (its checkpoint, metrics and map are deleted)",
     )
     train.add_argument(
         "--device", default="cpu", help="torch device, e.g. cpu or cuda [default: cpu]"
@@ -75,13 +87,24 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--column", default=None, help="CSV column holding the strings")
     train.add_argument("--seed", type=int, default=None, help="training seed")
-    train.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --out/checkpoint.pt [default --out: the default run's]",
+    )
     train.add_argument(
         "--eval-samples",
         type=int,
         default=None,
         help="prior samples for the evaluation [synthetic: 100000 (or a 400x400 grid "
         "for a 2-D uniform prior); other data: 1000]",
+    )
+    train.add_argument(
+        "--divergence-samples",
+        type=int,
+        default=1_000_000,
+        help="seeded prior draws decoded for prior_decoding_kl/js, the authors' Figure 5 "
+        "scores [default: 1000000, as they used]",
     )
     train.add_argument(
         "--threads",
@@ -93,6 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+class UsageError(ValueError):
+    """An input error of the command line: reported as one line, exit code 2."""
 
 
 def _config_from_args(args):
@@ -109,7 +136,7 @@ def _config_from_args(args):
     if args.data is not None:
         data = {"source": str(args.data), "column": args.column}
     elif args.column is not None:
-        raise SystemExit("error: --column needs --data")
+        raise UsageError("--column needs --data")
     config = config.with_overrides(
         data=data,
         model={"prior": args.prior, "proposal": args.proposal, "mode": args.mode},
@@ -117,10 +144,101 @@ def _config_from_args(args):
     return config.with_overrides(train={"epochs": args.epochs, "seed": args.seed})
 
 
-def _default_out(args) -> Path:
-    if args.data is not None:
-        return Path("runs") / args.data.name.split(".")[0]
-    return Path("runs") / "synthetic"
+def _default_out(config) -> Path:
+    """One directory per configuration, so that runs of different settings never
+    share (and overwrite) one directory."""
+    m = config.model
+    stem = config.name if config.data.is_synthetic else Path(config.data.source).name
+    stem = stem.split(".")[0] or "run"
+    return Path("runs") / f"{stem}-{m.prior}-{m.proposal}-{m.mode}-seed{config.train.seed}"
+
+
+def _check_device(name: str):
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise UsageError(f"--device {name!r} is not a torch device ({exc})") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UsageError(f"--device {name!r}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {name!r}: this machine has {count} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {name!r}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise UsageError(f"--device must be cpu, cuda[:N] or mps, got {name!r}")
+    return device
+
+
+def _check_args(args) -> None:
+    """Checks of the flags alone, before anything is read or written."""
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.eval_samples is not None and args.eval_samples < 1:
+        raise UsageError(f"--eval-samples must be a positive int, got {args.eval_samples}")
+    if args.divergence_samples < 1:
+        raise UsageError(
+            f"--divergence-samples must be a positive int, got {args.divergence_samples}"
+        )
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs must be a positive int, got {args.epochs}")
+    if args.seed is not None and not 0 <= args.seed < 2**63:
+        raise UsageError(f"--seed must lie in [0, 2**63), got {args.seed}")
+    if args.resume and args.overwrite:
+        raise UsageError(
+            "--resume continues the run in --out and --overwrite replaces it: pick one"
+        )
+    for flag in ("config", "data"):
+        path = getattr(args, flag)
+        if path is not None and path.is_dir():
+            raise UsageError(f"--{flag} {str(path)!r} is a directory, expected a file")
+    _check_device(args.device)
+
+
+def _holds_a_run(out: Path) -> list[str]:
+    from .trainer import RUN_FILES
+
+    return [name for name in RUN_FILES if (out / name).exists()]
+
+
+def _check_out(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse an --out that cannot take this run; changes nothing on disk."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a file, expected a directory")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise UsageError(f"--out {str(out)!r}: {str(parent)!r} is a file")
+            break
+    if resume:
+        return
+    existing = _holds_a_run(out) if out.is_dir() else []
+    if existing and not overwrite:
+        raise UsageError(
+            f"--out {str(out)!r} already holds a run ({', '.join(existing)}); "
+            "pass --resume to continue it, --overwrite to replace it, or another --out"
+        )
+
+
+def _prepare_out(out: Path, *, overwrite: bool) -> None:
+    """Create --out, prove it writable, remove what a killed write left behind
+    and, for --overwrite, the previous run's files."""
+    from .io import remove_stale_temporaries
+    from .trainer import RUN_FILES
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".tmp-probe-", dir=out)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UsageError(f"--out {str(out)!r} is not writable ({exc.strerror or exc})") from None
+    remove_stale_temporaries(out)
+    if overwrite:
+        for name in RUN_FILES:
+            (out / name).unlink(missing_ok=True)
 
 
 def _write_json(path: Path, payload: dict) -> None:
@@ -129,7 +247,9 @@ def _write_json(path: Path, payload: dict) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2) + "\n")
 
 
-def evaluate(trainer, out: Path, eval_samples: int | None) -> dict:
+def evaluate(
+    trainer, out: Path, eval_samples: int | None, divergence_samples: int = 1_000_000
+) -> dict:
     """Measurements of the trained model, written to out/metrics.json by the caller."""
     from . import synthetic
 
@@ -147,6 +267,7 @@ def evaluate(trainer, out: Path, eval_samples: int | None) -> dict:
             model,
             distribution,
             n_prior_samples=eval_samples or 100_000,
+            n_divergence_samples=divergence_samples,
             grid=grid,
             seed=config.train.seed,
             grid_decoded=grid_decoded,
@@ -159,6 +280,7 @@ def evaluate(trainer, out: Path, eval_samples: int | None) -> dict:
                 resolution=grid if shared else 300,
                 per_string=metrics["per_string"],
                 grid_decoded=grid_decoded,
+                divergences=(metrics["prior_decoding_kl"], metrics["prior_decoding_js"]),
             )
         print(synthetic.format_probability_table(metrics))
         return metrics
@@ -184,11 +306,10 @@ def evaluate(trainer, out: Path, eval_samples: int | None) -> dict:
 
 
 def train_command(args) -> int:
-    from .trainer import Trainer
+    from .trainer import Trainer, load_checkpoint
 
     started = time.perf_counter()
-    if args.threads < 1:
-        raise SystemExit("error: --threads must be >= 1")
+    _check_args(args)
     torch.set_num_threads(args.threads)
     if args.resume:
         conflicting = [
@@ -197,21 +318,26 @@ def train_command(args) -> int:
             if getattr(args, name) is not None
         ]
         if conflicting:
-            raise SystemExit(
-                "error: --resume continues the run stored in --out/checkpoint.pt with its own "
+            raise UsageError(
+                "--resume continues the run stored in --out/checkpoint.pt with its own "
                 f"config; drop {', '.join('--' + c for c in conflicting)}"
             )
-        out = args.out or Path("runs") / "synthetic"
+        out = args.out or _default_out(_config_from_args(args))
+        _check_out(out, resume=True, overwrite=False)
+        load_checkpoint(out / "checkpoint.pt")  # a corrupt file fails here, before any write
         trainer = Trainer.resume(
             out, device=args.device, progress=not args.no_progress, log_epochs=True
         )
+        _prepare_out(out, overwrite=False)
         print(f"resuming {out} after epoch {trainer.epoch}/{trainer.config.train.total_epochs}")
     else:
         config = _config_from_args(args)
-        out = args.out or _default_out(args)
-        trainer = Trainer(
+        out = args.out or _default_out(config)
+        _check_out(out, resume=False, overwrite=args.overwrite)
+        trainer = Trainer(  # loads the data: unreadable data fails here, before any write
             config, out, device=args.device, progress=not args.no_progress, log_epochs=True
         )
+        _prepare_out(out, overwrite=args.overwrite)
     c = trainer.config
     print(
         f"{c.name}: {len(trainer.strings)} strings, prior {c.model.prior}, proposal "
@@ -222,7 +348,8 @@ def train_command(args) -> int:
     fit_start = time.perf_counter()
     trainer.fit()
     train_seconds = time.perf_counter() - fit_start
-    metrics = evaluate(trainer, out, args.eval_samples)
+    metrics = evaluate(trainer, out, args.eval_samples, args.divergence_samples)
+    train_seconds_total = sum(row.get("seconds", 0.0) for row in trainer.history)
     wall = time.perf_counter() - started
     last = trainer.history[-1] if trainer.history else {}
     summary = {
@@ -230,6 +357,7 @@ def train_command(args) -> int:
         "epochs_completed": trainer.epoch,
         "epochs_this_run": trainer.epoch - trained_from,
         "train_seconds_this_run": train_seconds,
+        "train_seconds_all_epochs": train_seconds_total,
         "wall_seconds_this_run": wall,
         "device": str(trainer.device),
         "torch_threads": torch.get_num_threads(),
@@ -242,6 +370,8 @@ def train_command(args) -> int:
         for k in (
             "reconstruction_accuracy",
             "sampled_reconstruction_accuracy",
+            "prior_decoding_kl",
+            "prior_decoding_js",
             "prior_decoding_tv",
             "validity",
             "uniqueness",
@@ -265,8 +395,11 @@ def main(argv=None) -> int:
     if args.command == "train":
         try:
             return train_command(args)
-        except (ValueError, FileNotFoundError) as exc:
-            print(f"error: {exc}", file=sys.stderr)
+        except (ValueError, OSError) as exc:
+            # Input errors (bad flags, configs, data, checkpoints, directories):
+            # one line, no traceback. Messages are made one line here.
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            print(f"error: {message}", file=sys.stderr)
             return 2
     return 2
 

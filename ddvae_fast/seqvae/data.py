@@ -15,6 +15,7 @@ import gzip
 import io
 import os
 import re
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,8 +71,12 @@ def check_tokenizer(name: str) -> str:
 
 def _read_text(path: Path) -> str:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt", encoding="utf-8", newline="") as handle:
-        return handle.read()
+    try:
+        with opener(path, "rt", encoding="utf-8", newline="") as handle:
+            return handle.read()
+    except (EOFError, UnicodeDecodeError, gzip.BadGzipFile, zlib.error) as exc:
+        # A truncated or corrupt .gz, or bytes that are not UTF-8 text.
+        raise ValueError(f"data file {str(path)!r} cannot be read: {exc}") from None
 
 
 def load_strings(source, column: str | None = None, header: bool = True) -> list[str]:
@@ -99,6 +104,8 @@ def load_strings(source, column: str | None = None, header: bool = True) -> list
     if not isinstance(source, (str, os.PathLike)):
         raise TypeError(f"source must be a path or a list of str, got {type(source).__name__}")
     path = Path(source)
+    if path.is_dir():
+        raise ValueError(f"data file {str(path)!r} is a directory, expected a file")
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} does not exist")
     name = path.name.lower()

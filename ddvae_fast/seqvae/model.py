@@ -31,7 +31,7 @@ from ..decoding import UNDEFINED_TOKEN, deterministic_argmax
 from ..distributions import KERNELS, PRIORS, PROPOSALS, kl_divergence, uniform_prior_transform
 from ..loss import decoder_loss
 from .data import SPECIAL_TOKENS, SequenceBatch, Vocabulary, encode_strings
-from .io import atomic_torch_save, check_known_keys
+from .io import atomic_torch_save, check_known_keys, check_torch_file
 
 MODES = ("argmax", "sample")
 _FORMAT = "ddvae_fast.SequenceDDVAE/1"
@@ -80,6 +80,8 @@ class ModelConfig:
             )
         if self.score not in ("logit", "prob"):
             raise ValueError(f"score must be 'logit' or 'prob', got {self.score!r}")
+        if not isinstance(self.backend, str):
+            raise ValueError(f"backend must be a str, got {self.backend!r}")
 
     @classmethod
     def from_dict(cls, values: dict) -> ModelConfig:
@@ -163,6 +165,13 @@ class SequenceDDVAE(nn.Module):
 
     def encode(self, strings: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, sigma), each (len(strings), latent_dim), of q(z|x) for each string."""
+        if isinstance(strings, (str, bytes)):
+            # A str is a sequence of one-character strings: refuse rather than
+            # silently encode each character as its own string.
+            raise TypeError(
+                f"strings must be a list of str, got a single {type(strings).__name__} "
+                f"{strings[:60]!r}; pass [{strings[:60]!r}] to encode one string"
+            )
         batch = encode_strings(strings, self.vocabulary, self.config.max_length)
         return self.encode_batch(batch.to(self.device))
 
@@ -188,6 +197,17 @@ class SequenceDDVAE(nn.Module):
     def targets(self, batch: SequenceBatch, ignore_index: int = -100) -> torch.Tensor:
         return batch.tokens.masked_fill(batch.tokens == self.vocabulary.pad, ignore_index)
 
+    def _check_z(self, z) -> torch.Tensor:
+        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+            raise TypeError("z must be a floating-point tensor")
+        if z.dim() != 2 or z.shape[1] != self.config.latent_dim:
+            raise ValueError(
+                f"z must have shape (n, {self.config.latent_dim}), got {tuple(z.shape)}"
+            )
+        if not torch.isfinite(z).all():
+            raise ValueError("z contains NaN or infinity")
+        return z.to(self.device, self.decoder_to_logits.weight.dtype)
+
     @torch.no_grad()
     def decode(
         self, z: torch.Tensor, max_length: int | None = None, chunk_size: int = 16384
@@ -198,22 +218,53 @@ class SequenceDDVAE(nn.Module):
         is not unique (the undefined token), if a step picks a special token
         other than eos, or if no eos comes within ``max_length`` tokens.
         """
-        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-            raise TypeError("z must be a floating-point tensor")
-        if z.dim() != 2 or z.shape[1] != self.config.latent_dim:
-            raise ValueError(
-                f"z must have shape (n, {self.config.latent_dim}), got {tuple(z.shape)}"
-            )
-        if not torch.isfinite(z).all():
-            raise ValueError("z contains NaN or infinity")
+        z = self._check_z(z)
         max_length = self.config.max_length if max_length is None else max_length
-        z = z.to(self.device, self.decoder_to_logits.weight.dtype)
         out: list[str | None] = []
+        itos = self.vocabulary.itos
         for start in range(0, z.shape[0], chunk_size):
-            out.extend(self._decode_chunk(z[start : start + chunk_size], max_length))
+            ids, valid = self._decode_chunk(z[start : start + chunk_size], max_length)
+            out.extend(
+                "".join(itos[i] for i in row if i >= 0) if ok else None
+                for row, ok in zip(ids.cpu().tolist(), valid.cpu().tolist())
+            )
         return out
 
-    def _decode_chunk(self, z: torch.Tensor, max_length: int) -> list[str | None]:
+    @torch.no_grad()
+    def decode_counts(
+        self, z: torch.Tensor, max_length: int | None = None, chunk_size: int = 16384
+    ) -> dict[str | None, int]:
+        """How often each output of :meth:`decode` occurs among the rows of ``z``.
+
+        The same decoding, counted on token-id rows (torch.unique per chunk), so
+        that a million codes never become a million Python strings.
+        """
+        z = self._check_z(z)
+        max_length = self.config.max_length if max_length is None else max_length
+        itos = self.vocabulary.itos
+        counts: dict[str | None, int] = {}
+        for start in range(0, z.shape[0], chunk_size):
+            ids, valid = self._decode_chunk(z[start : start + chunk_size], max_length)
+            ids = torch.where(valid.unsqueeze(1), ids, torch.full_like(ids, -2))
+            base = len(itos) + 2  # ids -2 (invalid), -1 (ended), 0.. shifted to digits
+            if math.log2(base) * ids.shape[1] < 62:
+                # One int64 per row: a 1-D unique is much faster than unique(dim=0).
+                weights = base ** torch.arange(ids.shape[1], device=ids.device)
+                codes, n = torch.unique(((ids + 2) * weights).sum(1), return_counts=True)
+                rows = [
+                    [(code // base**k) % base - 2 for k in range(ids.shape[1])]
+                    for code in codes.cpu().tolist()
+                ]
+            else:
+                unique_rows, n = torch.unique(ids, dim=0, return_counts=True)
+                rows = unique_rows.cpu().tolist()
+            for row, c in zip(rows, n.cpu().tolist()):
+                key = None if row[0] == -2 else "".join(itos[i] for i in row if i >= 0)
+                counts[key] = counts.get(key, 0) + c
+        return counts
+
+    def _decode_chunk(self, z: torch.Tensor, max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids (n, steps) with -1 after the end, valid (n,)) of the greedy decoding of z."""
         vocab = self.vocabulary
         n = z.shape[0]
         h = self._initial_state(z)
@@ -234,12 +285,7 @@ class SequenceDDVAE(nn.Module):
                 break
             token = index.clamp(min=0).unsqueeze(1)
         valid &= finished  # no eos within max_length tokens
-        ids = torch.stack(steps, dim=1).cpu().tolist()
-        itos = vocab.itos
-        return [
-            "".join(itos[i] for i in row if i >= 0) if ok else None
-            for row, ok in zip(ids, valid.cpu().tolist())
-        ]
+        return torch.stack(steps, dim=1), valid
 
     # -- prior ---------------------------------------------------------------
 
@@ -352,6 +398,9 @@ class SequenceDDVAE(nn.Module):
     @classmethod
     def load(cls, path, map_location="cpu") -> SequenceDDVAE:
         """A model saved by :meth:`save`, or the model inside a training checkpoint."""
+        damage = check_torch_file(path)
+        if damage is not None:
+            raise ValueError(f"{str(path)!r} is corrupt: {damage}")
         state = torch.load(path, map_location="cpu", weights_only=True)
         if isinstance(state, dict) and "model" in state and state.get("format") != _FORMAT:
             state = state["model"]

@@ -4,7 +4,8 @@ Strings of ``length`` independent bits with P(bit = 1) = ``p_one`` (6 bits,
 0.8 in the paper). With every string's true probability known, a trained
 model is judged by how it decodes: its reconstructions from mu and from
 z ~ q(z|x), and the distribution of strings it decodes from prior samples,
-compared with the true one in total variation.
+compared with the true one in total variation and, as the authors score
+Figure 5, in KL and Jensen-Shannon divergence over a million prior draws.
 """
 
 from __future__ import annotations
@@ -52,6 +53,42 @@ def total_variation(true: dict[str, float], decoded: dict[str | None, float]) ->
     return 0.5 * sum(abs(true.get(k, 0.0) - decoded.get(k, 0.0)) for k in keys)
 
 
+def prior_decoding_divergences(
+    true: dict[str, float], decoded: dict[str | None, float]
+) -> tuple[float, float]:
+    """(KL, JS) between the true distribution P and the decoded one Q, as the
+    authors score Figure 5 (their synthetic.ipynb), in nats:
+
+        KL = sum P log(P / Q + 1e-9)
+        JS = 0.5 sum P log(P / M + 1e-9) + 0.5 sum Q log(Q / M + 1e-9),  M = (P + Q) / 2
+
+    over every outcome: the strings of ``true`` and each distinct decoded
+    output (``decoded`` maps outputs to frequencies; None, the invalid decode,
+    is one outcome). Terms with a zero weight are 0. KL is +inf if a true
+    string is never decoded (P / 0), as in the authors' definition. An output
+    with P = 0 adds Q log(2 + 1e-9) to 2 JS, linear in Q, so how invalid
+    outputs are grouped into outcomes does not change JS.
+    """
+    keys = list(true) + [k for k in decoded if k not in true]
+    p = np.array([true.get(k, 0.0) for k in keys], dtype=np.float64)
+    q = np.array([decoded.get(k, 0.0) for k in keys], dtype=np.float64)
+    total = p + q
+    # P / M and Q / M written as 2P / (P + Q) and 2Q / (P + Q): the same
+    # numbers, but (P + Q) / 2 would underflow to 0 for a subnormal Q.
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl_terms = np.where(p > 0, p * np.log(p / q + 1e-9), 0.0)
+        js_p = np.where(p > 0, p * np.log(2 * p / total + 1e-9), 0.0)
+        js_q = np.where(q > 0, q * np.log(2 * q / total + 1e-9), 0.0)
+    return float(kl_terms.sum()), float(0.5 * js_p.sum() + 0.5 * js_q.sum())
+
+
+def prior_draw_frequencies(model, n_samples: int, seed: int) -> dict[str | None, float]:
+    """Frequency of each output decoded from ``n_samples`` seeded prior draws."""
+    z = model.sample_prior(n_samples, torch.Generator().manual_seed(seed))
+    counts = model.decode_counts(z)
+    return {s: c / n_samples for s, c in counts.items()}
+
+
 def _frequencies(decoded: Sequence[str | None]) -> dict:
     counts: dict[str | None, int] = {}
     for s in decoded:
@@ -94,9 +131,8 @@ def prior_decoding_distribution(
         decoded = decode_latent_grid(model, grid) if grid_decoded is None else grid_decoded
         if len(decoded) != grid * grid:
             raise ValueError(f"grid_decoded has {len(decoded)} entries, expected {grid * grid}")
-    else:
-        decoded = model.decode(model.sample_prior(n_samples, torch.Generator().manual_seed(seed)))
-    return _frequencies(decoded)
+        return _frequencies(decoded)
+    return prior_draw_frequencies(model, n_samples, seed)
 
 
 @torch.no_grad()
@@ -106,6 +142,7 @@ def evaluate_synthetic(
     *,
     draws_per_string: int = 200,
     n_prior_samples: int = 100_000,
+    n_divergence_samples: int = 1_000_000,
     grid: int = 400,
     seed: int = 0,
     grid_decoded=None,
@@ -117,6 +154,8 @@ def evaluate_synthetic(
       ``draws_per_string`` draws each, averaged with weights p(x) (1 - Eq. 14);
     - prior_decoding_tv: TV between the strings decoded from prior samples and
       the true distribution, invalid decodes counted as lost mass;
+    - prior_decoding_kl, prior_decoding_js: :func:`prior_decoding_divergences`
+      of the outputs decoded from ``n_divergence_samples`` prior draws (seeded);
     - per_string: each string's true and decoded probability, mu and sigma.
     """
     # Local import: the sampler module is only needed here, not to import this file.
@@ -142,12 +181,18 @@ def evaluate_synthetic(
     decoded_dist = prior_decoding_distribution(model, n_prior_samples, grid, seed, grid_decoded)
     tv = total_variation(distribution, decoded_dist)
     lost = sum(p for s, p in decoded_dist.items() if s not in distribution)
+    kl, js = prior_decoding_divergences(
+        distribution, prior_draw_frequencies(model, n_divergence_samples, seed)
+    )
     model.train(was_training)
     return {
         "reconstruction_accuracy": float(rec_ok.mean()),
         "sampled_reconstruction_accuracy": float(
             (per_string_sampled * p_true).sum() / p_true.sum()
         ),
+        "prior_decoding_kl": kl,
+        "prior_decoding_js": js,
+        "prior_decoding_divergence_samples": n_divergence_samples,
         "prior_decoding_tv": float(tv),
         "prior_decoding_lost_mass": float(lost),
         "prior_decoding_invalid_mass": float(decoded_dist.get(None, 0.0)),
@@ -191,13 +236,15 @@ def plot_latent_map(
     resolution: int = 300,
     per_string=None,
     grid_decoded=None,
+    divergences: tuple[float, float] | None = None,
 ) -> None:
     """Figure 5: the latent square coloured by decoded string.
 
     Solid lines are decoding boundaries, dashed boxes are the proposals'
     supports mu +- sigma (for a Gaussian proposal, +- one standard deviation),
     and each region is labelled with its string and that string's probability
-    under deterministic decoding from the plotted prior.
+    under deterministic decoding from the plotted prior. ``divergences``
+    (KL, JS), if given, go in the title as in the authors' figures.
     """
     import matplotlib
 
@@ -292,9 +339,10 @@ def plot_latent_map(
             color="white" if label == other else "black",
         )
     c = model.config
-    ax.set_title(
-        f"{'DD-VAE' if c.mode == 'argmax' else 'VAE'}: prior {c.prior}, proposal {c.proposal}"
-    )
+    title = f"{'DD-VAE' if c.mode == 'argmax' else 'VAE'}: prior {c.prior}, proposal {c.proposal}"
+    if divergences is not None:
+        title += f"\nKL {divergences[0]:.4g}, JS {divergences[1]:.4g}"
+    ax.set_title(title)
     ax.set_xlim(-half, half)
     ax.set_ylim(-half, half)
     ax.set_xlabel("$z_1$")
@@ -312,6 +360,8 @@ __all__ = [
     "latent_grid",
     "plot_latent_map",
     "prior_decoding_distribution",
+    "prior_decoding_divergences",
+    "prior_draw_frequencies",
     "sample_bernoulli_strings",
     "total_variation",
 ]

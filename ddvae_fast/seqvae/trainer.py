@@ -17,6 +17,7 @@ uninterrupted run exactly.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import math
 import random
@@ -29,15 +30,18 @@ import tomllib
 import torch
 from tqdm.auto import tqdm
 
+from .._checks import check_bool, check_finite_real, check_int
 from ..sampling import RejectionSampler
 from ..schedules import LinearSchedule, LogLinearSchedule
 from .data import EncodedStrings, Vocabulary, check_tokenizer, load_strings
-from .io import atomic_torch_save, check_known_keys, write_text_atomic
+from .io import atomic_torch_save, check_known_keys, check_torch_file, write_text_atomic
 from .model import ModelConfig, SequenceDDVAE
 from .synthetic import sample_bernoulli_strings
 
 CHECKPOINT_NAME = "checkpoint.pt"
 METRICS_CSV_NAME = "metrics.csv"
+# Every file a run writes into its directory (the CLI adds metrics.json and the map).
+RUN_FILES = (CHECKPOINT_NAME, METRICS_CSV_NAME, "metrics.json", "latent_map.png")
 _CHECKPOINT_FORMAT = "ddvae_fast.TrainingCheckpoint/1"
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -46,9 +50,21 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 # Configuration
 
 
+def _check_seed(value, name: str) -> int:
+    """A seed every RNG used here accepts: numpy's SeedSequence needs >= 0 and
+    torch.manual_seed < 2**64; int64 keeps it storable everywhere."""
+    value = check_int(value, name)
+    if value < 0:
+        raise ValueError(f"{name} must be a non-negative int below 2**63, got {value}")
+    return value
+
+
 def _from_dict(cls, values: dict, section: str):
     check_known_keys(values, cls, f"[{section}]")
-    return cls(**values)
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a value of the wrong type: an input error like any other
+        raise ValueError(f"[{section}] {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -66,8 +82,22 @@ class DataConfig:
     max_length: int | None = None  # tokens per string; default: the longest string's
 
     def __post_init__(self):
+        if not isinstance(self.source, str) or not self.source:
+            raise TypeError(f"source must be a non-empty str, got {self.source!r}")
+        for name in ("n_samples", "length"):
+            if check_int(getattr(self, name), name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        p_one = check_finite_real(self.p_one, "p_one")
+        if not 0.0 <= p_one <= 1.0:
+            raise ValueError(f"p_one must lie in [0, 1], got {p_one}")
+        _check_seed(self.data_seed, "data_seed")
+        if self.column is not None and not isinstance(self.column, str):
+            raise TypeError(f"column must be a str, got {type(self.column).__name__}")
+        check_bool(self.csv_header, "csv_header")
+        if not isinstance(self.tokenizer, str):
+            raise TypeError(f"tokenizer must be a str, got {type(self.tokenizer).__name__}")
         check_tokenizer(self.tokenizer)
-        if self.max_length is not None and self.max_length < 1:
+        if self.max_length is not None and check_int(self.max_length, "max_length") < 1:
             raise ValueError(f"max_length must be positive, got {self.max_length}")
 
     @property
@@ -94,14 +124,21 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
+        # Types first (TOML gives bools, strings and inf as easily as numbers),
+        # so that a bad value fails here, before any data is loaded.
         for name in ("epochs", "batch_size", "lr_step_epochs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
+            if check_int(getattr(self, name), name) < 1:
+                raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
         for name in ("pretrain_epochs", "finetune_epochs"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+            if check_int(getattr(self, name), name) < 0:
+                raise ValueError(f"{name} must be a non-negative int, got {getattr(self, name)!r}")
+        _check_seed(self.seed, "seed")
+        for name in ("lr", "lr_gamma", "beta_start", "beta_end", "tau_start", "tau_end"):
+            check_finite_real(getattr(self, name), name)
+        check_finite_real(self.pretrain_nll_weight, "pretrain_nll_weight")
+        for name in ("finetune_lr", "clip_grad_value"):
+            if getattr(self, name) is not None:
+                check_finite_real(getattr(self, name), name)
         if not self.lr > 0 or not 0 < self.lr_gamma <= 1:
             raise ValueError(f"need lr > 0 and 0 < lr_gamma <= 1, got {self.lr}, {self.lr_gamma}")
         if self.finetune_lr is not None and not self.finetune_lr > 0:
@@ -143,21 +180,35 @@ class ExperimentConfig:
     @classmethod
     def from_dict(cls, values: dict) -> ExperimentConfig:
         check_known_keys(values, ("name", "data", "model", "train", "rules"), "the config")
-        rules = tuple(values.get("rules", ()))
-        for rule in rules:
-            if set(rule) != {"when", "set"}:
+        rules = values.get("rules", [])
+        if not isinstance(rules, (list, tuple)):
+            raise ValueError(f"rules must be an array of tables ([[rules]]), got {rules!r}")
+        name = values.get("name", "experiment")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty str, got {name!r}")
+        train = _from_dict(TrainConfig, values.get("train", {}), "train")
+        for i, rule in enumerate(rules):
+            where = f"rules[{i}]"
+            if not isinstance(rule, dict) or set(rule) != {"when", "set"}:
                 raise ValueError(
-                    f"each rule needs exactly 'when' and 'set' tables, got {sorted(rule)}"
+                    f"{where} must be a table with exactly 'when' and 'set' tables, got {rule!r}"
                 )
-            check_known_keys(rule["when"], ModelConfig, "rules.when")
-            check_known_keys(rule["set"], TrainConfig, "rules.set")
-        return cls(
-            name=str(values.get("name", "experiment")),
-            data=_from_dict(DataConfig, values.get("data", {}), "data"),
-            model=ModelConfig.from_dict(values.get("model", {})),
-            train=_from_dict(TrainConfig, values.get("train", {}), "train"),
-            rules=rules,
-        )
+            check_known_keys(rule["when"], ModelConfig, f"{where}.when")
+            check_known_keys(rule["set"], TrainConfig, f"{where}.set")
+            try:
+                replace(train, **rule["set"])  # a rule's values must be valid train settings
+            except (TypeError, ValueError) as exc:
+                raise ValueError(f"{where}.set: {exc}") from None
+        try:
+            return cls(
+                name=name,
+                data=_from_dict(DataConfig, values.get("data", {}), "data"),
+                model=ModelConfig.from_dict(values.get("model", {})),
+                train=train,
+                rules=tuple(rules),
+            )
+        except TypeError as exc:
+            raise ValueError(str(exc)) from None
 
     def with_overrides(self, *, data=None, model=None, train=None) -> ExperimentConfig:
         """A copy with some settings replaced (``None`` values are ignored)."""
@@ -184,6 +235,8 @@ class ExperimentConfig:
 def load_config(path) -> ExperimentConfig:
     """An ExperimentConfig from a TOML file (see ddvae_fast/seqvae/configs/)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {str(path)!r} is a directory, expected a TOML file")
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
     with open(path, "rb") as handle:
@@ -211,6 +264,48 @@ def load_training_strings(data: DataConfig) -> list[str]:
 
 # ---------------------------------------------------------------------------
 # Helpers
+
+
+class CorruptCheckpointError(ValueError):
+    """A checkpoint file that cannot be read back as the state it claims to hold."""
+
+    def __init__(self, path, reason: str):
+        super().__init__(f"checkpoint is corrupt: {str(path)!r}: {reason}")
+
+
+def data_fingerprint(strings: list[str]) -> str:
+    """SHA-256 of the training strings in order: what --resume checks the data against."""
+    digest = hashlib.sha256()
+    for s in strings:
+        encoded = s.encode("utf-8")
+        digest.update(len(encoded).to_bytes(8, "little"))  # length-prefixed: no ambiguity
+        digest.update(encoded)
+    return digest.hexdigest()
+
+
+def _state_digest(obj, digest=None) -> str:
+    """SHA-256 over a checkpoint's contents (tensors by dtype, shape and bytes).
+
+    torch.load does not notice a flipped byte inside tensor data; this does.
+    """
+    top = digest is None
+    digest = hashlib.sha256() if top else digest
+    if isinstance(obj, dict):
+        digest.update(b"d%d" % len(obj))
+        for key in sorted(obj, key=repr):
+            digest.update(repr(key).encode())
+            _state_digest(obj[key], digest)
+    elif isinstance(obj, (list, tuple)):
+        digest.update(b"l%d" % len(obj))
+        for item in obj:
+            _state_digest(item, digest)
+    elif isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        digest.update(f"t{t.dtype}{tuple(t.shape)}".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    else:
+        digest.update(repr(obj).encode())
+    return digest.hexdigest() if top else ""
 
 
 def _rng_state() -> dict:
@@ -287,6 +382,7 @@ class Trainer:
             config = replace(config, model=replace(config.model, max_length=max_length))
             self.config = config
         self.data = data.to(self.device)
+        self.data_fingerprint = data_fingerprint(self.strings)
 
         # The global RNGs seed the weights; they are checkpointed too.
         torch.manual_seed(tc.seed)
@@ -460,10 +556,13 @@ class Trainer:
             "sampler": self.sampler.state_dict(),
             "rng": _rng_state(),
             "history": list(self.history),
+            "data_fingerprint": self.data_fingerprint,
         }
 
     def save_checkpoint(self) -> None:
-        atomic_torch_save(self.state_dict(), self.checkpoint_path)
+        state = self.state_dict()
+        state["digest"] = _state_digest(state)
+        atomic_torch_save(state, self.checkpoint_path)
 
     @classmethod
     def resume(
@@ -477,13 +576,12 @@ class Trainer:
     ) -> Trainer:
         """The trainer saved in ``out_dir/checkpoint.pt``, ready to continue."""
         path = Path(out_dir) / CHECKPOINT_NAME
-        if not path.is_file():
-            raise FileNotFoundError(f"no checkpoint to resume at {str(path)!r}")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
-            raise ValueError(f"{str(path)!r} is not a training checkpoint of ddvae_fast")
-        config = ExperimentConfig.from_dict(state["config"])
-        vocabulary = Vocabulary.from_dict(state["model"]["vocabulary"])
+        state = load_checkpoint(path)
+        try:
+            config = ExperimentConfig.from_dict(state["config"])
+            vocabulary = Vocabulary.from_dict(state["model"]["vocabulary"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CorruptCheckpointError(path, f"bad config or vocabulary ({exc})") from None
         trainer = cls(
             config,
             out_dir,
@@ -493,12 +591,53 @@ class Trainer:
             strings=strings,
             _vocabulary=vocabulary,
         )
-        trainer.model.load_state_dict(state["model"]["state_dict"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.epoch = int(state["epoch"])
-        if state["finetune_optimizer"] is not None:
-            trainer._optimizer_for(config.train.epochs).load_state_dict(state["finetune_optimizer"])
-        trainer.sampler.load_state_dict(state["sampler"])
-        _set_rng_state(state["rng"])
-        trainer.history = list(state["history"])
+        stored = state.get("data_fingerprint")
+        if stored is not None and stored != trainer.data_fingerprint:
+            raise ValueError(
+                f"the training data changed since {str(path)!r} was written "
+                f"({config.data.source!r}: {len(trainer.strings)} strings, fingerprint "
+                f"{trainer.data_fingerprint[:12]}, checkpoint {str(stored)[:12]}); "
+                "resuming would continue on other data. Restore the data, or start a new run"
+            )
+        try:
+            trainer.model.load_state_dict(state["model"]["state_dict"])
+            trainer.optimizer.load_state_dict(state["optimizer"])
+            trainer.epoch = int(state["epoch"])
+            if state["finetune_optimizer"] is not None:
+                trainer._optimizer_for(config.train.epochs).load_state_dict(
+                    state["finetune_optimizer"]
+                )
+            trainer.sampler.load_state_dict(state["sampler"])
+            _set_rng_state(state["rng"])
+            trainer.history = list(state["history"])
+        except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
+            raise CorruptCheckpointError(path, f"{type(exc).__name__}: {exc}") from None
+        if not 0 <= trainer.epoch <= config.train.total_epochs:
+            raise CorruptCheckpointError(path, f"epoch {trainer.epoch} is out of range")
         return trainer
+
+
+def load_checkpoint(path) -> dict:
+    """The state in a training checkpoint, checked: a file that torch cannot read,
+    that is not a ddvae_fast checkpoint, or whose contents do not match the digest
+    stored with them raises CorruptCheckpointError (a ValueError)."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a directory, expected a checkpoint file")
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume at {str(path)!r}")
+    damage = check_torch_file(path)
+    if damage is not None:
+        raise CorruptCheckpointError(path, damage)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError, EOFError, UnpicklingError, ...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CorruptCheckpointError(path, reason) from None
+    if not isinstance(state, dict) or state.get("format") != _CHECKPOINT_FORMAT:
+        raise CorruptCheckpointError(path, "not a training checkpoint of ddvae_fast")
+    stored = state.pop("digest", None)
+    # Checkpoints written before the digest existed have none; they load unchecked.
+    if stored is not None and stored != _state_digest(state):
+        raise CorruptCheckpointError(path, "its contents do not match the stored digest")
+    return state
