@@ -38,13 +38,100 @@ def _cell(value) -> str:
     return str(value).replace("|", "\\|")
 
 
+def _loss_in_loop(data):
+    return [
+        {
+            "(N, V)": shape.replace("x", " x "),
+            "eager after an eager step (ms)": r["eager_after_eager_step"],
+            "compiled after an eager step (ms)": r["compiled_after_eager_step"],
+            "cpp after an eager step (ms)": r["cpp_after_eager_step"],
+            "cpp alone (ms)": r["cpp_alone"],
+            "cpp vs eager": r["speedup_vs_eager"],
+            "cpp vs compiled": r["speedup_vs_compiled"],
+        }
+        for shape, r in data["shapes"].items()
+    ]
+
+
+def _linear_loss(data):
+    rows = []
+    for r in data["results"]:
+        row = {"(N, H, V)": f"({r['N']}, {r['H']}, {r['V']})", "chunk rows": r["chunk_rows"]}
+        row.update({f"{k} median (s)": v for k, v in r["median_s"].items()})
+        row["fused / unfused"] = r.get("fused_over_unfused")
+        row["eager / fused"] = r.get("eager_over_fused")
+        for path, m in r.get("memory", {}).items():
+            row[f"{path} peak extra / logits"] = m["peak_extra_over_logits"]
+            row[f"{path} workspace / logits"] = m["workspace_over_logits"]
+        rows.append(row)
+    return rows
+
+
+def _sampler_rsample(data):
+    rows = []
+    for block in data["results"]:
+        for r in block["rows"]:
+            rows.append(
+                {
+                    "shape": " x ".join(map(str, block["shape"])),
+                    "backend": r["backend"],
+                    **{f"{k} (ms)": v for k, v in r["median_ms"].items()},
+                    **{f"{k} / sample": v for k, v in r["ratio_to_sample"].items()},
+                }
+            )
+    return rows
+
+
+def _aot(data):
+    return [
+        {
+            "target": data["target"],
+            "specializations": data["specializations"],
+            "max registers": data["max_registers"],
+            "max spill bytes": data["max_local_bytes"],
+            "max shared bytes": data["max_shared_bytes"],
+            "triton": data["triton_version"],
+        }
+    ]
+
+
+def _synthetic_seeds(data):
+    return [
+        {
+            "seed": r["seed"],
+            "reconstruction from mu": f"{r['reconstructed']}/{r['strings']}",
+            "sampled reconstruction": r["sampled_reconstruction"],
+            "KL": r["kl"],
+            "JS": r["js"],
+            "TV": r["tv"],
+            "wall s": round(r["wall_seconds"]),
+            "goal met": r["meets_goal"],
+        }
+        for r in data["rows"]
+    ]
+
+
+# Results files whose layout is not a plain list of rows: name -> rows.
+VIEWS = {
+    "cpu_loss_in_loop": _loss_in_loop,
+    "cpu_linear_loss": _linear_loss,
+    "cpu_sampler_rsample": _sampler_rsample,
+    "aot_sm80": _aot,
+    "aot_sm90a": _aot,
+    "synthetic_seeds": _synthetic_seeds,
+}
+
+
 def render(name: str) -> str:
     path = RESULTS / f"{name}.json"
     data = json.loads(path.read_text())
-    rows = data["rows"]
-    columns = data.get("columns") or list(rows[0]) if rows else []
+    rows = VIEWS[name](data) if name in VIEWS else data["rows"]
+    columns = (data.get("columns") or list(rows[0])) if rows else []
+    machine = data.get("machine", "unknown machine")
+    if isinstance(machine, dict):
+        machine = ", ".join(f"{v}" if k == "cpu" else f"{k} {v}" for k, v in machine.items())
     lines = [
-        f"*{data.get('machine', 'unknown machine')}, {data.get('date', 'undated')}; "
+        f"*{machine}, {data.get('date', 'undated')}; "
         f"`{data.get('command', '')}` (benchmarks/results/{name}.json)*",
         "",
         "| " + " | ".join(columns) + " |",

@@ -167,10 +167,16 @@ def test_hostile_inputs_give_the_reference_answer_or_a_named_error(data):
             assert any(n in str(want) for n in names), f"reference: {want!r}"
         return
     assert not isinstance(want, Exception), f"reference raised {want!r}, {fast_backend} returned"
+    logits = args.get("logits")
+    half = isinstance(logits, torch.Tensor) and logits.dtype in (torch.float16, torch.bfloat16)
+    # float32 fused vs reference: sums of a few terms in another order (1e-5).
+    # 16-bit logits: the reference evaluates each pair term in the 16-bit dtype
+    # while the fused kernels accumulate in float32, so the two differ by the
+    # reference's own rounding, a few units of 2^-8 (bf16) relative.
+    tol = 2e-2 if half else 1e-5
     for g, w in zip(_result_tensors(got), _result_tensors(want)):
         assert g.dtype == w.dtype and g.shape == w.shape
-        # float32 fused vs reference: sums of a few terms in another order
-        torch.testing.assert_close(g.detach(), w.detach(), rtol=1e-5, atol=1e-5, equal_nan=True)
+        torch.testing.assert_close(g.detach(), w.detach(), rtol=tol, atol=tol, equal_nan=True)
 
 
 # ------------------------------------------------- named edge behaviours ----

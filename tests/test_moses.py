@@ -135,3 +135,29 @@ def test_moses_metrics_of_test_molecules_against_the_test_set(test_smiles):
     assert m["Filters"] == 1.0 and m["Novelty"] == 1.0
     assert 0.8 < m["IntDiv"] < 0.9 and m["IntDiv2"] < m["IntDiv"]
     assert m["SNN/TestSF"] < m["SNN/Test"] and m["FCD/TestSF"] > m["FCD/Test"]
+
+
+def test_metrics_command_prints_and_writes_the_moses_keys(tmp_path, test_smiles, capsys):
+    import json
+
+    from ddvae_fast.seqvae import cli
+
+    gen = tmp_path / "gen.smi"
+    gen.write_text("\n".join([*test_smiles[:50], "not a molecule"]) + "\n")
+    out = tmp_path / "metrics.json"
+    assert cli.main(["metrics", "--gen", str(gen), "--json", str(out), "--jobs", "1"]) == 0
+    written = json.loads(out.read_text())
+    assert tuple(written) == moses_metrics.MOSES_KEYS
+    assert written["valid"] == pytest.approx(50 / 51)
+    assert "SNN/Test" in capsys.readouterr().out
+
+
+def test_metrics_command_refuses_bad_input_with_exit_code_2(tmp_path, capsys):
+    from ddvae_fast.seqvae import cli
+
+    empty = tmp_path / "empty.smi"
+    empty.write_text("\n")
+    assert cli.main(["metrics", "--gen", str(tmp_path / "missing.smi")]) == 2
+    assert cli.main(["metrics", "--gen", str(empty)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all(line.startswith("error: --gen") for line in err)
