@@ -524,8 +524,12 @@ def test_half_precision_loss_is_returned_in_float32():
     logits, target = _good()
     loss = ddf.relaxed_argmax_loss(logits.bfloat16(), target, 0.3, backend="reference")
     assert loss.dtype == torch.float32
-    with pytest.raises(TypeError, match="backend 'cpp' supports"):
-        ddf.relaxed_argmax_loss(logits.half(), target, 0.3, backend="cpp")
+    for dtype in (torch.float16, torch.bfloat16):
+        fused = ddf.relaxed_argmax_loss(logits.to(dtype), target, 0.3, backend="cpp")
+        assert fused.dtype == torch.float32
+    # A backend without the dtype refuses it by name (triton has no float64).
+    with pytest.raises(TypeError, match="backend 'triton' supports"):
+        ddf.relaxed_argmax_loss(logits.double(), target, 0.3, backend="triton")
 
 
 # --------------------------------------------------------------- module ----

@@ -30,7 +30,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import mutually_broadcastable_shapes
-from scipy import integrate, stats
+from oracles import KS_P, check_distribution, pdf64
+from scipy import stats
 
 import ddvae_fast as ddf
 from ddvae_fast import _sampler as cpp  # fails collection, not skips, if the build is missing
@@ -38,9 +39,7 @@ from ddvae_fast.distributions.smoothing import KERNELS, PROPOSALS, SMOOTHING_KER
 from ddvae_fast.sampling.sampler import TRANSFORM_KERNELS, RejectionSampler
 
 BACKENDS = ("reference", "cpp")
-KS_P = 1e-3
 N_KS = 20_000
-SE_BOUND = 5.0  # moments within 5 standard errors: a 6e-7 two-sided chance per check
 
 
 # ------------------------------------------------------------------ independent stream
@@ -74,10 +73,6 @@ def sym64(w):
 
 def unit64(w):
     return (w.astype(np.int64) >> 8) * 2.0**-24
-
-
-def pdf64(name, x):
-    return SMOOTHING_KERNELS[name].pdf(torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
 
 
 def expected_rejection_stream(name, seed, first_block, n_blocks):
@@ -290,29 +285,6 @@ def test_cpp_math_helpers_are_accurate():
 
 
 # ------------------------------------------------------------------ distributions
-def fourth_moment(name):
-    if name == "gaussian":
-        return 3.0
-    return integrate.quad(lambda x: x**4 * float(pdf64(name, x)), -1, 1)[0]
-
-
-def kernel_cdf(name):
-    return lambda x: (
-        SMOOTHING_KERNELS[name].cdf(torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
-    )
-
-
-def check_distribution(name, x):
-    x = x.double().reshape(-1).numpy()
-    n = x.size
-    kernel = SMOOTHING_KERNELS[name]
-    assert stats.kstest(x, kernel_cdf(name)).pvalue > KS_P
-    var = kernel.variance
-    assert abs(x.mean()) < SE_BOUND * math.sqrt(var / n)
-    se_var = math.sqrt((fourth_moment(name) - var**2) / n)
-    assert abs(x.var() - var) < SE_BOUND * se_var
-    if kernel.bounded:
-        assert x.min() >= -1 and x.max() <= 1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -21,40 +21,19 @@ if os.environ.get("DDVAE_TRITON_COMPILED") != "1":
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from oracles import KS_P, check_distribution
 from scipy import stats
 
 from ddvae_fast.distributions.smoothing import KERNELS, PROPOSALS, SMOOTHING_KERNELS
 from ddvae_fast.sampling.sampler import TRANSFORM_KERNELS, RejectionSampler
 
-KS_P = 1e-3
 N = 3000  # interpreted Triton: a few thousand draws per test
-SE_BOUND = 5.0
 
 DEVICE = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
-
-
-def kernel_cdf(name):
-    return lambda x: (
-        SMOOTHING_KERNELS[name].cdf(torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
-    )
-
-
-def check_distribution(name, x):
-    x = x.double().cpu().reshape(-1).numpy()
-    kernel = SMOOTHING_KERNELS[name]
-    assert stats.kstest(x, kernel_cdf(name)).pvalue > KS_P
-    assert abs(x.mean()) < SE_BOUND * math.sqrt(kernel.variance / x.size)
-    # Var of the sample variance <= E[x^4] / n <= (max x^2) Var / n for |x| <= 1;
-    # the Gaussian's E[x^4] = 3.
-    m4 = 3.0 if not kernel.bounded else kernel.variance
-    assert abs(x.var() - kernel.variance) < SE_BOUND * math.sqrt(m4 / x.size)
-    if kernel.bounded:
-        assert x.min() >= -1 and x.max() <= 1
 
 
 def sampler(name, backend="triton", **kw):
