@@ -41,6 +41,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from oracles import log_odds
+from oracles import loss_oracle as oracle
 
 # Import the compiled module directly: if it is missing, collecting this file
 # fails (the tests must not skip into passing).
@@ -64,36 +66,6 @@ def test_every_isa_copy_is_listed():
 # --------------------------------------------------------------------------
 # The independent float64 oracle and the error bounds
 # --------------------------------------------------------------------------
-
-
-def log_odds(tau):
-    """c = log(1/tau - 1), without the cancellation of 1/tau - 1 near tau = 1."""
-    return math.log1p(-tau) - math.log(tau)
-
-
-def oracle(logits, target, tau, prob_mode, ignore_index, aw, nw, scale):
-    """(argmax_rows, nll_rows, correct_rows, grad) in float64, from the formulas."""
-    x = logits.detach().to(torch.float64).clone().requires_grad_(True)
-    num_rows, num_classes = x.shape
-    valid = target != ignore_index
-    t = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
-    c = log_odds(tau)
-    scores = torch.softmax(x, dim=1) if prob_mode else x
-    z = (scores - scores.gather(1, t)) / tau + c
-    softplus = torch.logaddexp(z, torch.zeros_like(z))  # -log sigma_tau(r_t - r_s)
-    others = torch.arange(num_classes).unsqueeze(0) != t
-    argmax_rows = torch.where(valid, torch.where(others, softplus, 0.0).sum(1), 0.0)
-    # shifted by the (detached) row max, so that lse - l_t keeps its relative
-    # accuracy when |logits| >> lse - l_t (the gradient is unchanged)
-    shifted = x - x.detach().amax(1, keepdim=True) if num_rows else x
-    nll_rows = torch.logsumexp(shifted, 1) - shifted.gather(1, t).squeeze(1)
-    nll_rows = torch.where(valid, nll_rows, 0.0)
-    total = aw * argmax_rows.sum() + nw * nll_rows.sum()
-    (grad,) = torch.autograd.grad(total, x)
-    xd = x.detach()
-    rival = torch.where(others, xd, -math.inf).amax(1) if num_rows else xd.new_empty(0)
-    correct = (xd.gather(1, t).squeeze(1) > rival) | ~valid
-    return argmax_rows.detach(), nll_rows.detach(), correct, grad * scale
 
 
 def error_bounds(logits, target, tau, prob_mode, ignore_index, aw, nw, scale):
