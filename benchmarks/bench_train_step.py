@@ -14,8 +14,9 @@ about 11 s on this 2-core box), trained on real MOSES SMILES.
   and `.item()` reads of the statistics every step.
 - library: ``SequenceDDVAE`` stages with ``decoder_loss`` (fused cpp loss and
   statistics) and ``RejectionSampler`` (cpp), statistics kept on the device.
-- library+buckets: the same, with batches drawn from length-sorted buckets
-  (less padding), one lever issue 13 asks to measure.
+- library+buckets: the same, with ``TrainConfig.bucket_batches``'s
+  length-bucketed epoch order (less padding), one lever issue 13 asks to
+  measure.
 
 Each variant runs interleaved with the others; per-stage times are medians
 over the timed steps. Writes benchmarks/results/train_step.json.
@@ -39,7 +40,7 @@ from torch import nn
 
 from ddvae_fast.loss import decoder_loss
 from ddvae_fast.sampling import RejectionSampler
-from ddvae_fast.seqvae.data import Vocabulary, encode_strings
+from ddvae_fast.seqvae.data import Vocabulary, batch_order, encode_strings
 from ddvae_fast.seqvae.model import ModelConfig, SequenceDDVAE
 from ddvae_fast.seqvae.moses_data import load_split
 
@@ -155,16 +156,10 @@ def _library_step(model, opt, sampler, batch, clock: _Clock) -> torch.Tensor:
     return rec.sequence_accuracy  # stays on the device: no host read per step
 
 
-def _batches(strings, batch_size: int, rng: random.Random, bucketed: bool):
-    if not bucketed:
-        order = list(range(len(strings)))
-        rng.shuffle(order)
-        return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    # Sort by length with random tie-breaking, cut into batches, shuffle the batches.
-    order = sorted(range(len(strings)), key=lambda i: (len(strings[i]), rng.random()))
-    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    rng.shuffle(chunks)
-    return chunks
+def _batches(strings, batch_size: int, bucketed: bool):
+    """The library's epoch order (seqvae.data.batch_order), plain or length-bucketed."""
+    lengths = np.array([len(x) for x in strings]) if bucketed else None
+    return batch_order(len(strings), batch_size, seed=1, epoch=0, lengths=lengths)
 
 
 def main() -> int:
@@ -196,9 +191,9 @@ def main() -> int:
     np_sampler = _NumpyRejectionSampler(0)
     lib_sampler = RejectionSampler("triweight", seed=0, backend="cpp")
     plans = {
-        "baseline": _batches(strings, args.batch, random.Random(1), False),
-        "library": _batches(strings, args.batch, random.Random(1), False),
-        "library+buckets": _batches(strings, args.batch, random.Random(1), True),
+        "baseline": _batches(strings, args.batch, False),
+        "library": _batches(strings, args.batch, False),
+        "library+buckets": _batches(strings, args.batch, True),
     }
     per_step = {name: [] for name in plans}
     stages = {name: {s: [] for s in STAGES} for name in plans}

@@ -233,3 +233,25 @@ def test_total_variation_counts_lost_mass():
     assert total_variation(true, {"a": 0.5, None: 0.5}) == pytest.approx(0.5)
     assert total_variation(true, {"a": 0.25, "b": 0.25, "zz": 0.5}) == pytest.approx(0.5)
     assert total_variation(true, {"c": 1.0}) == pytest.approx(1.0)
+
+
+def test_bucketed_batches_cover_every_index_once_reproducibly_and_cut_padding():
+    from ddvae_fast.seqvae.data import BUCKET_POOL, batch_order
+
+    rng = np.random.default_rng(0)
+    n, batch_size = 3 * BUCKET_POOL * 8 + 5, 8  # three pools, the last one partial
+    lengths = rng.integers(5, 60, size=n)
+    bucketed = batch_order(n, batch_size, seed=3, epoch=2, lengths=lengths)
+    assert sorted(np.concatenate(bucketed).tolist()) == list(range(n))
+    again = batch_order(n, batch_size, seed=3, epoch=2, lengths=lengths)
+    assert all(np.array_equal(a, b) for a, b in zip(bucketed, again))  # exact resume
+    other = batch_order(n, batch_size, seed=3, epoch=3, lengths=lengths)
+    assert not all(np.array_equal(a, b) for a, b in zip(bucketed, other))
+
+    def padding(batches):
+        return sum(int(lengths[b].max()) * len(b) - int(lengths[b].sum()) for b in batches)
+
+    plain = batch_order(n, batch_size, seed=3, epoch=2)
+    assert padding(bucketed) < 0.25 * padding(plain)
+    with pytest.raises(ValueError, match="lengths"):
+        batch_order(n, batch_size, seed=3, epoch=2, lengths=lengths[:-1])

@@ -386,3 +386,11 @@ def test_js_does_not_depend_on_how_outside_outputs_are_grouped(weights, split):
     assert kl1 == kl2
     assert js1 == pytest.approx(js2, rel=1e-9, abs=1e-12)
     assert 0 <= js1 <= math.log(2) + 1e-9  # JS is bounded by log 2
+
+
+def test_bucket_batches_is_a_checked_train_setting():
+    from ddvae_fast.seqvae.trainer import TrainConfig
+
+    assert TrainConfig(bucket_batches=True).bucket_batches is True
+    with pytest.raises(TypeError, match="bucket_batches"):
+        TrainConfig(bucket_batches="yes")

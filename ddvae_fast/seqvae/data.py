@@ -301,9 +301,10 @@ class EncodedStrings:
         return SequenceBatch(self.tokens[rows, :width], self.lengths[rows])
 
     def batches(
-        self, batch_size: int, seed: int, epoch: int, shuffle: bool = True
+        self, batch_size: int, seed: int, epoch: int, shuffle: bool = True, bucket: bool = False
     ) -> Iterator[SequenceBatch]:
-        for index in batch_order(len(self), batch_size, seed, epoch, shuffle):
+        lengths = self._lengths_np if bucket else None
+        for index in batch_order(len(self), batch_size, seed, epoch, shuffle, lengths):
             yield self.batch(index)
 
 
@@ -317,13 +318,43 @@ def epoch_permutation(n: int, seed: int, epoch: int) -> np.ndarray:
     return rng.permutation(n)
 
 
+BUCKET_POOL = 64  # batches per length-sorted pool when bucketing
+
+
 def batch_order(
-    n: int, batch_size: int, seed: int, epoch: int, shuffle: bool = True
+    n: int,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    lengths: np.ndarray | None = None,
 ) -> list[np.ndarray]:
+    """The batches of one epoch, a function of (seed, epoch) only (exact resume).
+
+    With ``lengths``, batches are length-bucketed to cut padding: the epoch's
+    permutation is cut into pools of ``BUCKET_POOL`` batches, each pool is
+    sorted by length (stably, so equal lengths keep the permuted order) and
+    cut into batches, and the epoch's batches are then shuffled by a generator
+    of the same (seed, epoch). Every index still appears exactly once.
+    """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     order = epoch_permutation(n, seed, epoch) if shuffle else np.arange(n)
-    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    if lengths is None:
+        return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+    lengths = np.asarray(lengths)
+    if lengths.shape != (n,):
+        raise ValueError(f"lengths must have shape ({n},), got {lengths.shape}")
+    pool = BUCKET_POOL * batch_size
+    batches = []
+    for start in range(0, n, pool):
+        chunk = order[start : start + pool]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    if shuffle:
+        seq = np.random.SeedSequence([int(seed), int(epoch), 1])  # 1: the bucket shuffle
+        np.random.Generator(np.random.PCG64(seq)).shuffle(batches)
+    return batches
 
 
 def encode_strings(
