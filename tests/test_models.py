@@ -298,3 +298,28 @@ def test_config_errors():
         ModelConfig.from_dict({"hidden": 3})
     with pytest.raises(TypeError):
         SequenceDDVAE(["0", "1"])
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-13)])
+def test_encoder_final_states_equal_the_packed_gru(dtype, tol):
+    """The unpacked encoder (each layer over the padded batch, gathered at each
+    sequence's last token) gives the packed GRU's h_n and gradients; tolerances
+    are a few roundings of the GRU cell in each dtype."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    strings = ["C", "CCO", "c1ccccc1O", "CC(=O)OC1=CC=CC=C1C(=O)O", "N#N", "CCCCCCCCCC"]
+    vocab = Vocabulary.build(strings)
+    config = ModelConfig(embedding_dim=8, hidden_size=16, num_layers=3, latent_dim=3)
+    model = SequenceDDVAE(vocab, config).to(dtype)
+    batch = encode_strings(strings, vocab)
+    emb = model.encoder_embedding(batch.tokens)
+    packed = nn.utils.rnn.pack_padded_sequence(
+        emb, batch.lengths, batch_first=True, enforce_sorted=False
+    )
+    _, want = model.encoder_rnn(packed)
+    got = model._final_states(emb, batch.lengths)
+    assert (got - want).abs().max() <= tol
+    (g_want,) = torch.autograd.grad(want.square().sum(), model.encoder_rnn.weight_hh_l0)
+    (g_got,) = torch.autograd.grad(got.square().sum(), model.encoder_rnn.weight_hh_l0)
+    assert (g_got - g_want).abs().max() <= 10 * tol * max(1.0, g_want.abs().max().item())
