@@ -19,7 +19,9 @@ about 11 s on this 2-core box), trained on real MOSES SMILES.
   measure.
 
 Each variant runs interleaved with the others; per-stage times are medians
-over the timed steps. Writes benchmarks/results/train_step.json.
+over the timed steps. Writes benchmarks/results/train_step.json; with
+--epochs N also benchmarks/results/train_step_curves.json, the accuracy of
+each variant after each of N epochs (fresh models, same molecules).
 """
 
 from __future__ import annotations
@@ -141,9 +143,9 @@ def _library_step(model, opt, sampler, batch, clock: _Clock) -> torch.Tensor:
     clock.lap("encoder")
     z = sampler.rsample(mu, sigma)
     clock.lap("sampler")
-    logits = model.decoder_logits(z, batch)
+    logits = model.decoder_logits(z, batch, batch_first=False)  # (T, B, V), as loss_terms
     clock.lap("decoder")
-    rec = decoder_loss(logits, model.targets(batch), TAU)
+    rec = decoder_loss(logits, model.targets(batch).t(), TAU, batch_first=False)
     loss = rec.loss + BETA * model.kl(mu, sigma).mean()
     clock.lap("loss")
     opt.zero_grad(set_to_none=True)
@@ -156,10 +158,38 @@ def _library_step(model, opt, sampler, batch, clock: _Clock) -> torch.Tensor:
     return rec.sequence_accuracy  # stays on the device: no host read per step
 
 
-def _batches(strings, batch_size: int, bucketed: bool):
+def _batches(strings, batch_size: int, bucketed: bool, epoch: int = 0):
     """The library's epoch order (seqvae.data.batch_order), plain or length-bucketed."""
     lengths = np.array([len(x) for x in strings]) if bucketed else None
-    return batch_order(len(strings), batch_size, seed=1, epoch=0, lengths=lengths)
+    return batch_order(len(strings), batch_size, seed=1, epoch=epoch, lengths=lengths)
+
+
+def _curves(args, strings, vocab, make) -> list[dict]:
+    """Each variant trained for ``args.epochs`` epochs on the same molecules from
+    its own fresh model, epochs interleaved across variants: the mean training
+    sequence accuracy (teacher-forced arg max at z ~ q(z|x), as each step
+    returns it) and the wall time of each epoch."""
+    variants = make()
+    rows = []
+    for epoch in range(args.epochs):
+        row = {"epoch": epoch + 1}
+        for name, (model, opt, sampler) in variants.items():
+            plan = _batches(strings, args.batch, name == "library+buckets", epoch)
+            accuracies, start = [], time.perf_counter()
+            for index in plan:
+                batch = encode_strings([strings[i] for i in index], vocab)
+                clock = _Clock()
+                if name == "baseline":
+                    tokens = batch.tokens.t().contiguous()
+                    acc = _baseline_step(model, opt, sampler, tokens, vocab.bos, clock)
+                else:
+                    acc = _library_step(model, opt, sampler, batch, clock)
+                accuracies.append(float(acc) * len(index))
+            row[f"{name} accuracy"] = round(sum(accuracies) / len(strings), 4)
+            row[f"{name} s"] = round(time.perf_counter() - start, 1)
+        print(row, flush=True)
+        rows.append(row)
+    return rows
 
 
 def main() -> int:
@@ -169,6 +199,10 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per variant")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--molecules", type=int, default=8192)
+    parser.add_argument(
+        "--epochs", type=int, default=0,
+        help="also train each variant this many epochs and record the accuracy curves",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -181,15 +215,26 @@ def main() -> int:
         embedding_dim=64, hidden_size=args.hidden, num_layers=2, latent_dim=64,
         prior="gaussian", proposal="triweight", mode="argmax", max_length=max(lengths) + 2,
     )  # fmt: skip
-    library = SequenceDDVAE(vocab, config)
-    baseline = _BaselineVAE(len(vocab), vocab.pad, args.hidden)
-    opts = {
-        "baseline": torch.optim.Adam(baseline.parameters(), 5e-4),
-        "library": torch.optim.Adam(library.parameters(), 5e-4),
-    }
+
+    def make():
+        """Fresh models: name -> (model, optimizer, sampler), seeded alike."""
+        torch.manual_seed(0)
+        out = {}
+        for name in ("baseline", "library", "library+buckets"):
+            if name == "baseline":
+                model = _BaselineVAE(len(vocab), vocab.pad, args.hidden)
+                sampler = _NumpyRejectionSampler(0)
+            else:
+                model = SequenceDDVAE(vocab, config)
+                sampler = RejectionSampler("triweight", seed=0, backend="cpp")
+            out[name] = (model, torch.optim.Adam(model.parameters(), 5e-4), sampler)
+        return out
+
+    variants = make()
+    baseline, opts, np_sampler = variants["baseline"][0], {}, variants["baseline"][2]
+    library, lib_sampler = variants["library"][0], variants["library"][2]
+    opts["baseline"], opts["library"] = variants["baseline"][1], variants["library"][1]
     opts["library+buckets"] = opts["library"]
-    np_sampler = _NumpyRejectionSampler(0)
-    lib_sampler = RejectionSampler("triweight", seed=0, backend="cpp")
     plans = {
         "baseline": _batches(strings, args.batch, False),
         "library": _batches(strings, args.batch, False),
@@ -242,8 +287,13 @@ def main() -> int:
         "peak_rss_mb": _peak_rss_mb(),
         "rows": rows,
     }
+
     path = Path(__file__).parent / "results" / "train_step.json"
     path.write_text(json.dumps(out, indent=2) + "\n")
+    if args.epochs:
+        curves = {**out, "rows": _curves(args, strings, vocab, make)}
+        curves.pop("peak_rss_mb")
+        path.with_name("train_step_curves.json").write_text(json.dumps(curves, indent=2) + "\n")
     return 0
 
 

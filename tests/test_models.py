@@ -318,7 +318,7 @@ def test_encoder_final_states_equal_the_packed_gru(dtype, tol):
         emb, batch.lengths, batch_first=True, enforce_sorted=False
     )
     _, want = model.encoder_rnn(packed)
-    got = model._final_states(emb, batch.lengths)
+    got = model._final_states(emb.transpose(0, 1), batch.lengths)  # it reads (T, B, E)
     assert (got - want).abs().max() <= tol
     (g_want,) = torch.autograd.grad(want.square().sum(), model.encoder_rnn.weight_hh_l0)
     (g_got,) = torch.autograd.grad(got.square().sum(), model.encoder_rnn.weight_hh_l0)

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..decoding import UNDEFINED_TOKEN, deterministic_argmax
 from ..distributions import KERNELS, PRIORS, PROPOSALS, kl_divergence, uniform_prior_transform
@@ -113,15 +114,16 @@ class SequenceDDVAE(nn.Module):
         c = config
         v = len(vocabulary)
         self.encoder_embedding = nn.Embedding(v, c.embedding_dim, padding_idx=vocabulary.pad)
-        self.encoder_rnn = nn.GRU(c.embedding_dim, c.hidden_size, c.num_layers, batch_first=True)
+        # Both GRUs run time-major, (T, B, features): nn.GRU on CPU transposes a
+        # batch-first input and output around its time loop, forward and backward
+        # (benchmarks/bench_train_step.py). Parameters do not depend on the layout.
+        self.encoder_rnn = nn.GRU(c.embedding_dim, c.hidden_size, c.num_layers)
         self.encoder_to_latent = nn.Linear(c.num_layers * c.hidden_size, 2 * c.latent_dim)
         with torch.no_grad():
             self.encoder_to_latent.bias[c.latent_dim :].fill_(c.initial_log_sigma)
         self.latent_to_hidden = nn.Linear(c.latent_dim, c.num_layers * c.hidden_size)
         self.decoder_embedding = nn.Embedding(v, c.embedding_dim, padding_idx=vocabulary.pad)
-        self.decoder_rnn = nn.GRU(
-            c.embedding_dim + c.latent_dim, c.hidden_size, c.num_layers, batch_first=True
-        )
+        self.decoder_rnn = nn.GRU(c.embedding_dim + c.latent_dim, c.hidden_size, c.num_layers)
         self.decoder_to_logits = nn.Linear(c.hidden_size, v)
 
     # -- parameter groups (the fine-tuning stage trains the decoder only) ----
@@ -148,7 +150,7 @@ class SequenceDDVAE(nn.Module):
     def encode_batch(self, batch: SequenceBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """(mu, sigma) of q(z|x) for a batch, after the prior's transform."""
         tokens, lengths = batch.tokens, batch.lengths
-        emb = self.encoder_embedding(tokens)
+        emb = self.encoder_embedding(tokens.t())  # (T, B, E)
         if tokens.shape[0] and bool((lengths == tokens.shape[1]).all()):
             _, h = self.encoder_rnn(emb)  # no padding: skip the packing overhead
         else:
@@ -161,7 +163,8 @@ class SequenceDDVAE(nn.Module):
         return mu, sigma
 
     def _final_states(self, emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Each encoder layer's state at each sequence's last token, as nn.GRU's h_n.
+        """Each encoder layer's state at each sequence's last token, as nn.GRU's h_n,
+        from time-major embeddings ``emb`` (T, B, E).
 
         Padding follows the tokens, so a layer's states at valid positions do not
         depend on it: running each layer over the padded batch and gathering the
@@ -173,14 +176,14 @@ class SequenceDDVAE(nn.Module):
         rnn = self.encoder_rnn
         weights = rnn._flat_weights
         per_layer = len(weights) // rnn.num_layers
-        index = (lengths - 1).clamp(min=0).view(-1, 1, 1).expand(-1, 1, rnn.hidden_size)
+        index = (lengths - 1).clamp(min=0).view(1, -1, 1).expand(1, -1, rnn.hidden_size)
         out, finals = emb, []
         for layer in range(rnn.num_layers):
-            hx = emb.new_zeros(1, emb.shape[0], rnn.hidden_size)
+            hx = emb.new_zeros(1, emb.shape[1], rnn.hidden_size)
             params = weights[layer * per_layer : (layer + 1) * per_layer]
             # The call nn.GRU.forward makes, one layer at a time (dropout is 0 here).
-            out, _ = torch._VF.gru(out, hx, params, rnn.bias, 1, 0.0, self.training, False, True)
-            finals.append(out.gather(1, index).squeeze(1))
+            out, _ = torch._VF.gru(out, hx, params, rnn.bias, 1, 0.0, self.training, False, False)
+            finals.append(out.gather(0, index).squeeze(0))
         return torch.stack(finals)
 
     def encode(self, strings: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -202,17 +205,21 @@ class SequenceDDVAE(nn.Module):
         h = self.latent_to_hidden(z).view(z.shape[0], c.num_layers, c.hidden_size)
         return h.transpose(0, 1).contiguous()
 
-    def _decoder_step_inputs(self, tokens: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        emb = self.decoder_embedding(tokens)
-        return torch.cat([emb, z.unsqueeze(1).expand(-1, tokens.shape[1], -1)], dim=-1)
+    def decoder_logits(
+        self, z: torch.Tensor, batch: SequenceBatch, batch_first: bool = True
+    ) -> torch.Tensor:
+        """Teacher-forced logits: position i predicts batch.tokens[:, i].
 
-    def decoder_logits(self, z: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
-        """Teacher-forced logits (B, T, V): position i predicts batch.tokens[:, i]."""
-        tokens = batch.tokens
-        bos = torch.full_like(tokens[:, :1], self.vocabulary.bos)
-        inputs = torch.cat([bos, tokens[:, :-1]], dim=1)
-        out, _ = self.decoder_rnn(self._decoder_step_inputs(inputs, z), self._initial_state(z))
-        return self.decoder_to_logits(out)
+        The model computes them time-major, (T, B, V) and contiguous, which is
+        what ``batch_first=False`` returns (pass it on to ``decoder_loss`` with
+        the targets transposed); the default is a (B, T, V) view of them."""
+        tokens = batch.tokens.t()
+        bos = torch.full_like(tokens[:1], self.vocabulary.bos)
+        emb = self.decoder_embedding(torch.cat([bos, tokens[:-1]], dim=0))
+        inputs = torch.cat([emb, z.unsqueeze(0).expand(tokens.shape[0], -1, -1)], dim=-1)
+        out, _ = self.decoder_rnn(inputs, self._initial_state(z))
+        logits = self.decoder_to_logits(out)
+        return logits.transpose(0, 1) if batch_first else logits
 
     def targets(self, batch: SequenceBatch, ignore_index: int = -100) -> torch.Tensor:
         return batch.tokens.masked_fill(batch.tokens == self.vocabulary.pad, ignore_index)
@@ -230,7 +237,7 @@ class SequenceDDVAE(nn.Module):
 
     @torch.no_grad()
     def decode(
-        self, z: torch.Tensor, max_length: int | None = None, chunk_size: int = 16384
+        self, z: torch.Tensor, max_length: int | None = None, chunk_size: int = 4096
     ) -> list[str | None]:
         """Greedy deterministic decoding of each row of ``z`` (Eq. 3).
 
@@ -252,7 +259,7 @@ class SequenceDDVAE(nn.Module):
 
     @torch.no_grad()
     def decode_counts(
-        self, z: torch.Tensor, max_length: int | None = None, chunk_size: int = 16384
+        self, z: torch.Tensor, max_length: int | None = None, chunk_size: int = 4096
     ) -> dict[str | None, int]:
         """How often each output of :meth:`decode` occurs among the rows of ``z``.
 
@@ -287,15 +294,16 @@ class SequenceDDVAE(nn.Module):
         """(ids (n, steps) with -1 after the end, valid (n,)) of the greedy decoding of z."""
         vocab = self.vocabulary
         n = z.shape[0]
-        h = self._initial_state(z)
-        token = torch.full((n, 1), vocab.bos, dtype=torch.long, device=z.device)
+        h = list(self._initial_state(z).unbind(0))
+        token = torch.full((n,), vocab.bos, dtype=torch.long, device=z.device)
         steps = []
         finished = torch.zeros(n, dtype=torch.bool, device=z.device)
         valid = torch.ones(n, dtype=torch.bool, device=z.device)
         n_special = len(SPECIAL_TOKENS)  # ids 0..3: pad, bos, eos, unk
+        token_gates, latent_gates = self._first_layer_input_gates(z)
         for _ in range(max_length + 1):
-            out, h = self.decoder_rnn(self._decoder_step_inputs(token, z), h)
-            index = deterministic_argmax(self.decoder_to_logits(out[:, 0]))
+            x = self._greedy_step(token_gates.index_select(0, token) + latent_gates, h)
+            index = deterministic_argmax(self.decoder_to_logits(x))
             is_eos = index == vocab.eos
             bad = (index == UNDEFINED_TOKEN) | ((index < n_special) & ~is_eos)
             valid &= finished | ~bad
@@ -303,9 +311,41 @@ class SequenceDDVAE(nn.Module):
             steps.append(torch.where(finished, torch.full_like(index, -1), index))
             if bool(finished.all()):
                 break
-            token = index.clamp(min=0).unsqueeze(1)
+            token = index.clamp(min=0)
         valid &= finished  # no eos within max_length tokens
         return torch.stack(steps, dim=1), valid
+
+    def _first_layer_input_gates(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decoder's first-layer input gates W_ih [emb(token); z] + b_ih in two
+        parts: a (V, 3H) table over tokens and the (n, 3H) latent part, which is
+        the same at every step. Greedy decoding adds one row of each per step
+        instead of a matrix product over the concatenated input."""
+        rnn, e = self.decoder_rnn, self.decoder_embedding.embedding_dim
+        w = rnn.weight_ih_l0
+        table = F.linear(self.decoder_embedding.weight, w[:, :e], rnn.bias_ih_l0)
+        return table, F.linear(z, w[:, e:])
+
+    def _greedy_step(self, gates_in: torch.Tensor, h: list[torch.Tensor]) -> torch.Tensor:
+        """One step of the decoder GRU (nn.GRU's equations, updating ``h`` in
+        place per layer) from the first layer's input gates; returns the top
+        layer's output. Written out because nn.GRU called on one step at a
+        time spends about a third of greedy decoding in copies and launches."""
+        rnn, hidden = self.decoder_rnn, self.decoder_rnn.hidden_size
+        for layer in range(rnn.num_layers):
+            if layer:
+                gates_in = F.linear(
+                    h[layer - 1],
+                    getattr(rnn, f"weight_ih_l{layer}"),
+                    getattr(rnn, f"bias_ih_l{layer}"),
+                )
+            gates_h = F.linear(
+                h[layer], getattr(rnn, f"weight_hh_l{layer}"), getattr(rnn, f"bias_hh_l{layer}")
+            )
+            reset_update = torch.sigmoid_(gates_in[:, : 2 * hidden] + gates_h[:, : 2 * hidden])
+            reset, update = reset_update.chunk(2, dim=1)
+            new = torch.addcmul(gates_in[:, 2 * hidden :], reset, gates_h[:, 2 * hidden :]).tanh_()
+            h[layer] = torch.lerp(new, h[layer], update)  # (1 - u) n + u h
+        return h[-1]
 
     # -- prior ---------------------------------------------------------------
 
@@ -348,17 +388,18 @@ class SequenceDDVAE(nn.Module):
         """
         mu, sigma = self.encode_batch(batch)
         z = sampler.rsample(mu, sigma)
-        logits = self.decoder_logits(z, batch)
+        logits = self.decoder_logits(z, batch, batch_first=False)
         if self.config.mode == "argmax":
             weights = {"argmax_weight": 1.0, "nll_weight": float(nll_weight)}
         else:
             weights = {"argmax_weight": 0.0, "nll_weight": 1.0}
         rec = decoder_loss(
             logits,
-            self.targets(batch),
+            self.targets(batch).t(),
             tau,
             score=self.config.score,
             backend=self.config.backend,
+            batch_first=False,
             **weights,
         )
         kl = self.kl(mu, sigma).mean()
@@ -376,15 +417,16 @@ class SequenceDDVAE(nn.Module):
         with torch.no_grad():
             mu, sigma = self.encode_batch(batch)
             z = sampler.rsample(mu, sigma)
-        logits = self.decoder_logits(z, batch)
+        logits = self.decoder_logits(z, batch, batch_first=False)
         rec = decoder_loss(
             logits,
-            self.targets(batch),
+            self.targets(batch).t(),
             0.5,
             argmax_weight=0.0,
             nll_weight=1.0,
             score=self.config.score,
             backend=self.config.backend,
+            batch_first=False,
         )
         zero = rec.loss.new_zeros(())
         return LossTerms(
