@@ -7,6 +7,8 @@
                                             the VAE of Figure 5 (N_N)
     ddvae-fast train --data mols.smi        the same machinery on SMILES strings
     ddvae-fast train --resume --out DIR     continue an interrupted run exactly
+    torchrun --nproc_per_node N -m ddvae_fast.seqvae.cli train ...
+                                            the same on N processes (DDP; README)
 
 Writes to --out (default: runs/<config>-<prior>-<proposal>-<mode>-seed<seed>):
 checkpoint.pt, metrics.csv (per epoch), metrics.json and, for the 2-D
@@ -115,12 +117,21 @@ def _parser() -> argparse.ArgumentParser:
         "spin-wait for each other made training up to 10x slower",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
+    train.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=None,
+        help="under torchrun: seconds a process waits for the others in a collective "
+        "before it fails (a stalled or dead rank ends the job instead of hanging it) "
+        "[default: 1800]",
+    )
     metrics = sub.add_parser(
         "metrics", help="the MOSES metrics of generated SMILES against the MOSES test sets"
     )
     metrics.add_argument("--gen", required=True, help="generated SMILES, one per line")
     metrics.add_argument("--json", default=None, help="also write the metrics here (MOSES keys)")
     metrics.add_argument("--jobs", type=int, default=2, help="processes for per-molecule work")
+    _add_moses_parsers(sub)
     return parser
 
 
@@ -152,6 +163,134 @@ def metrics_command(args) -> int:
 
 class UsageError(ValueError):
     """An input error of the command line: reported as one line, exit code 2."""
+
+
+# ---------------------------------------------------------------------------
+# ddvae-fast moses / moses-figure: the MOSES experiment (moses_experiment.py)
+
+
+def _add_moses_parsers(sub) -> None:
+    moses = sub.add_parser(
+        "moses",
+        help="MOSES distribution learning (Table 3, Figure 7) for one model",
+        description="Pretrain at a small fixed beta until the held-out reconstruction is "
+        "about 95%%, then raise beta; score 10k prior samples with the MOSES metrics "
+        "whenever the reconstruction first falls below 90%%, 80%% and 70%%. Writes "
+        "moses_curve.csv (one row per evaluation), reconstruction.csv (per epoch), "
+        "samples_epoch*.smi, figure7.png, checkpoint.pt and moses_state.json to --out.",
+    )
+    moses.add_argument("--model", choices=["ddvae", "vae"], required=True)
+    moses.add_argument(
+        "--scale",
+        choices=["small", "paper"],
+        default="small",
+        help="small: a reduction for a 2-core CPU (see configs/moses_*_small.toml); "
+        "paper: the authors' configuration, for a GPU [default: small]",
+    )
+    # A config file in place of the built-in one (tests and calibration runs).
+    moses.add_argument("--config", type=Path, default=None, help=argparse.SUPPRESS)
+    moses.add_argument(
+        "--out", type=Path, default=None, help="run directory [default: runs/moses-MODEL-SCALE]"
+    )
+    moses.add_argument("--resume", action="store_true", help="continue the run in --out")
+    moses.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    moses.add_argument("--device", default="cpu", help="torch device [default: cpu]")
+    moses.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads, and processes for the metrics' per-molecule work [default: 1]",
+    )
+    moses.add_argument("--no-progress", action="store_true", help="no progress bars")
+    figure = sub.add_parser(
+        "moses-figure", help="Figure 7 from the curves of finished `moses` runs"
+    )
+    figure.add_argument(
+        "--runs",
+        type=Path,
+        nargs="+",
+        required=True,
+        help="run directories (or their moses_curve.csv), e.g. one DD-VAE and one VAE run",
+    )
+    figure.add_argument("--out", type=Path, required=True, help="the PNG to write")
+
+
+def _moses_files(out: Path) -> list[str]:
+    from .moses_experiment import RUN_FILES, SAMPLES_GLOB
+
+    if not out.is_dir():
+        return []
+    found = [name for name in RUN_FILES if (out / name).exists()]
+    return found + sorted(p.name for p in out.glob(SAMPLES_GLOB))
+
+
+def moses_command(args) -> int:
+    """Run (or continue) the MOSES protocol for one model; see moses_experiment.py."""
+    from . import moses_experiment as mx
+
+    if args.threads < 1:
+        raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.resume and args.overwrite:
+        raise UsageError(
+            "--resume continues the run in --out and --overwrite replaces it: pick one"
+        )
+    if args.resume and args.config is not None:
+        raise UsageError("--resume continues with the run's own config; drop --config")
+    device = _check_device(args.device)
+    out = args.out or Path("runs") / f"moses-{args.model}-{args.scale}"
+    _check_out(out, resume=args.resume, overwrite=args.overwrite)
+    existing = []
+    if args.resume:
+        if not (out / mx.STATE_NAME).is_file():
+            raise UsageError(f"--resume: {str(out)!r} holds no MOSES run ({mx.STATE_NAME})")
+        config = mx.MosesConfig.from_dict(mx.load_state(out)["config"])
+        source = f"the run in {str(out)!r}"
+    else:
+        existing = _moses_files(out)
+        if existing and not args.overwrite:
+            raise UsageError(
+                f"--out {str(out)!r} already holds a run ({', '.join(existing[:4])}); "
+                "pass --resume to continue it, --overwrite to replace it, or another --out"
+            )
+        path = args.config or mx.builtin_moses_config(args.model, args.scale)
+        config = mx.load_moses_config(path)
+        source = f"config {str(path)!r}"
+    if config.model_name != args.model:
+        raise UsageError(
+            f"--model {args.model}, but {source} trains a {config.model_name} "
+            f"(mode {config.experiment.model.mode!r})"
+        )
+    torch.set_num_threads(args.threads)
+    # Reads the data (and a resumed run's files): bad input fails here, before any write.
+    run = mx.MosesRun(config, out, device=device, resume=args.resume, progress=not args.no_progress)
+    if not run.finished:
+        _prepare_out(out, overwrite=args.overwrite)
+        if args.overwrite:
+            for name in existing:
+                (out / name).unlink(missing_ok=True)
+    state = run.run(n_jobs=args.threads)
+    print(f"{'event':<18} {'epoch':>5} {'recon':>7} {'FCD/Test':>9} {'SNN/Test':>9} {'valid':>6}")
+    for row in state["evaluations"]:
+        print(
+            f"{row['event']:<18} {row['epoch']:>5} {row['reconstruction']:>7.4f} "
+            f"{row['FCD/Test']:>9.4f} {row['SNN/Test']:>9.4f} {row['valid']:>6.3f}"
+        )
+    print(f"wrote {out}/{mx.CURVE_CSV_NAME}, {mx.RECONSTRUCTION_CSV_NAME}, {mx.FIGURE_NAME}")
+    return 0
+
+
+def moses_figure_command(args) -> int:
+    """Figure 7 (FCD/Test and SNN/Test against reconstruction) from several runs."""
+    from .moses_experiment import plot_figure7, read_curve
+
+    if args.out.is_dir():
+        raise UsageError(f"--out {str(args.out)!r} is a directory, expected a .png file")
+    if args.out.suffix.lower() != ".png":
+        raise UsageError(f"--out {str(args.out)!r} must end in .png")
+    curves = [read_curve(path) for path in args.runs]
+    plot_figure7(curves, args.out)
+    print(f"wrote {args.out} ({', '.join(label for label, _ in curves)})")
+    return 0
 
 
 def _config_from_args(args):
@@ -208,6 +347,8 @@ def _check_args(args) -> None:
     """Checks of the flags alone, before anything is read or written."""
     if args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
+    if args.dist_timeout is not None and not 0 < args.dist_timeout < float("inf"):
+        raise UsageError(f"--dist-timeout must be a positive number, got {args.dist_timeout}")
     if args.eval_samples is not None and args.eval_samples < 1:
         raise UsageError(f"--eval-samples must be a positive int, got {args.eval_samples}")
     if args.divergence_samples < 1:
@@ -338,10 +479,36 @@ def evaluate(
 
 
 def train_command(args) -> int:
-    from .trainer import Trainer, load_checkpoint
+    from . import distributed
 
     started = time.perf_counter()
     _check_args(args)
+    world = distributed.world_from_env()
+    if world is None:
+        if args.dist_timeout is not None:
+            raise UsageError("--dist-timeout applies under torchrun only")
+        return _train(args, started, device=args.device, world=None)
+    # Under torchrun: one process per rank, joined in a process group.
+    device = distributed.rank_device(world, _check_device(args.device))
+    timeout = distributed.DEFAULT_TIMEOUT_S if args.dist_timeout is None else args.dist_timeout
+    distributed.init_process_group(world, device, timeout)
+    try:
+        return _train(args, started, device=device, world=world)
+    except (ValueError, OSError, ImportError) as exc:
+        # Reported by main() as one line per process: say which process.
+        raise UsageError(f"rank {world.rank}/{world.world_size}: {exc}") from None
+    finally:
+        distributed.destroy_process_group()
+
+
+def _train(args, started: float, *, device, world) -> int:
+    """The train command in one process; under torchrun in each (rank 0 alone
+    prints, prepares --out and writes the run's files)."""
+    from torch import distributed as dist
+
+    from .trainer import Trainer, load_checkpoint
+
+    main_process = world is None or world.is_main
     torch.set_num_threads(args.threads)
     if args.resume:
         conflicting = [
@@ -357,29 +524,35 @@ def train_command(args) -> int:
         out = args.out or _default_out(_config_from_args(args))
         _check_out(out, resume=True, overwrite=False)
         load_checkpoint(out / "checkpoint.pt")  # a corrupt file fails here, before any write
-        trainer = Trainer.resume(
-            out, device=args.device, progress=not args.no_progress, log_epochs=True
-        )
-        _prepare_out(out, overwrite=False)
-        print(f"resuming {out} after epoch {trainer.epoch}/{trainer.config.train.total_epochs}")
+        trainer = Trainer.resume(out, device=device, progress=not args.no_progress, log_epochs=True)
+        if main_process:
+            _prepare_out(out, overwrite=False)
+            print(f"resuming {out} after epoch {trainer.epoch}/{trainer.config.train.total_epochs}")
     else:
         config = _config_from_args(args)
         out = args.out or _default_out(config)
         _check_out(out, resume=False, overwrite=args.overwrite)
         trainer = Trainer(  # loads the data: unreadable data fails here, before any write
-            config, out, device=args.device, progress=not args.no_progress, log_epochs=True
+            config, out, device=device, progress=not args.no_progress, log_epochs=True
         )
-        _prepare_out(out, overwrite=args.overwrite)
+        if main_process:
+            _prepare_out(out, overwrite=args.overwrite)
+    if world is not None:
+        dist.barrier()  # --out is ready (and the old run's files gone) before any rank trains
     c = trainer.config
-    print(
-        f"{c.name}: {len(trainer.strings)} strings, prior {c.model.prior}, proposal "
-        f"{c.model.proposal}, mode {c.model.mode}, {c.train.epochs} epochs + "
-        f"{c.train.finetune_epochs} fine-tuning -> {out}"
-    )
+    if main_process:
+        processes = "" if world is None else f" on {world.world_size} processes"
+        print(
+            f"{c.name}: {len(trainer.strings)} strings, prior {c.model.prior}, proposal "
+            f"{c.model.proposal}, mode {c.model.mode}, {c.train.epochs} epochs + "
+            f"{c.train.finetune_epochs} fine-tuning{processes} -> {out}"
+        )
     trained_from = trainer.epoch
     fit_start = time.perf_counter()
     trainer.fit()
     train_seconds = time.perf_counter() - fit_start
+    if not main_process:
+        return 0  # rank 0 evaluates the model (the same on every rank) and writes the files
     metrics = evaluate(trainer, out, args.eval_samples, args.divergence_samples)
     train_seconds_total = sum(row.get("seconds", 0.0) for row in trainer.history)
     wall = time.perf_counter() - started
@@ -392,6 +565,7 @@ def train_command(args) -> int:
         "train_seconds_all_epochs": train_seconds_total,
         "wall_seconds_this_run": wall,
         "device": str(trainer.device),
+        "processes": 1 if world is None else world.world_size,
         "torch_threads": torch.get_num_threads(),
         "final_epoch": last,
         **metrics,
@@ -424,7 +598,12 @@ def train_command(args) -> int:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    command = {"train": train_command, "metrics": metrics_command}.get(args.command)
+    command = {
+        "train": train_command,
+        "metrics": metrics_command,
+        "moses": moses_command,
+        "moses-figure": moses_figure_command,
+    }.get(args.command)
     if command is not None:
         try:
             return command(args)

@@ -12,14 +12,20 @@ schedule is a function of the epoch index, and the data order of an epoch is a
 function of (seed, epoch), so a run resumed from a checkpoint (model,
 optimizers, sampler and RNG states, history) retraces the
 uninterrupted run exactly.
+
+Under torchrun the same trainer runs one process per rank with
+DistributedDataParallel (``distributed.py`` states the rules: the global
+batch, each rank's part of it, the loss weights that make the averaged
+gradient the global batch's, one sampler stream per rank). Without torchrun
+nothing of that runs: the single-process numbers are unchanged.
 """
 
 from __future__ import annotations
 
 import csv
+import gc
 import hashlib
 import io
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -28,12 +34,14 @@ from pathlib import Path
 import numpy as np
 import tomllib
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from .._checks import check_bool, check_finite_real, check_int
 from ..sampling import RejectionSampler
 from ..schedules import LinearSchedule, LogLinearSchedule
-from .data import EncodedStrings, Vocabulary, check_tokenizer, load_strings
+from . import distributed
+from .data import EncodedStrings, Vocabulary, batch_order, check_tokenizer, load_strings
 from .io import atomic_torch_save, check_known_keys, check_torch_file, write_text_atomic
 from .model import ModelConfig, SequenceDDVAE
 from .synthetic import sample_bernoulli_strings
@@ -313,19 +321,28 @@ def _state_digest(obj, digest=None) -> str:
     return digest.hexdigest() if top else ""
 
 
-def _rng_state() -> dict:
+def _rng_state(cuda_device: torch.device | None = None) -> dict:
+    """The global RNGs' states; with ``cuda_device`` (a rank of a CUDA job) only that
+    GPU's, so that no process touches (and allocates a context on) the others."""
     np_state = np.random.get_state()
+    if cuda_device is not None:
+        cuda = [torch.cuda.get_rng_state(cuda_device)]
+    else:
+        cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": cuda,
         "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:]],
         "python": random.getstate(),
     }
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_rng_state(state: dict, cuda_device: torch.device | None = None) -> None:
     torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
+    if cuda_device is not None:
+        if state["cuda"]:  # rank 0's GPU state: every rank's is the same (same seed, same ops)
+            torch.cuda.set_rng_state(state["cuda"][0], cuda_device)
+    elif state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
     name, keys, *rest = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), *rest))
@@ -349,6 +366,35 @@ _CSV_FIELDS = (
 
 
 # ---------------------------------------------------------------------------
+# The objective as a module: DistributedDataParallel synchronises the gradients
+# of what runs inside its forward().
+
+
+class _TrainingObjective(nn.Module):
+    """The pretraining and training loss (every parameter gets a gradient)."""
+
+    def __init__(self, model: SequenceDDVAE):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch, sampler, tau: float, beta: float, nll_weight: float):
+        return self.model.loss_terms(batch, sampler, tau=tau, beta=beta, nll_weight=nll_weight)
+
+
+class _FinetuneObjective(nn.Module):
+    """The fine-tuning loss. Only the decoder is registered, so DDP expects (and
+    averages) the decoder's gradients alone; the frozen encoder runs unregistered."""
+
+    def __init__(self, model: SequenceDDVAE):
+        super().__init__()
+        self.decoder = model.decoder_modules()
+        object.__setattr__(self, "_model", model)  # not a submodule: DDP must not see it
+
+    def forward(self, batch, sampler, tau: float, beta: float, nll_weight: float):
+        return self._model.reconstruction_terms(batch, sampler)
+
+
+# ---------------------------------------------------------------------------
 # Trainer
 
 
@@ -358,6 +404,11 @@ class Trainer:
     Writes ``checkpoint.pt`` (after every epoch, atomically) and
     ``metrics.csv`` (one row per epoch). ``Trainer.resume(out_dir)`` continues
     from the checkpoint.
+
+    If a torch.distributed process group is initialised (the CLI does so under
+    torchrun), every rank constructs a Trainer and calls the same methods:
+    each trains on its part of every global batch through DDP with its own
+    sampler stream, and rank 0 alone shows progress and writes files.
     """
 
     def __init__(
@@ -372,11 +423,15 @@ class Trainer:
         _vocabulary: Vocabulary | None = None,
     ):
         self.config = config
-        self.log_epochs = log_epochs
         self.out_dir = Path(out_dir)
         self.device = torch.device(device)
-        self.progress = progress
         tc = config.train
+        self.world = distributed.current_world()  # None: one process, no DDP
+        rank = 0 if self.world is None else self.world.rank
+        if self.world is not None:
+            distributed.check_batch_split(tc.batch_size, self.world.world_size)
+        self.log_epochs = log_epochs and rank == 0
+        self.progress = progress and rank == 0
         self.strings = (
             load_training_strings(config.data) if strings is None else load_strings(strings)
         )
@@ -386,6 +441,11 @@ class Trainer:
         if config.model.max_length != max_length:
             config = replace(config, model=replace(config.model, max_length=max_length))
             self.config = config
+        if self.world is not None:
+            distributed.check_batch_split(tc.batch_size, self.world.world_size, len(data))
+        # Tokens (non-pad targets) per string, on the host: the batch order and the
+        # ranks' loss weights are computed from it.
+        self._token_counts = data.lengths.cpu().numpy()
         self.data = data.to(self.device)
         self.data_fingerprint = data_fingerprint(self.strings)
 
@@ -397,8 +457,14 @@ class Trainer:
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=tc.lr)
         self.finetune_optimizer: torch.optim.Optimizer | None = None
         self.sampler = RejectionSampler(
-            config.model.proposal, device=self.device, seed=tc.seed, backend=config.model.backend
+            config.model.proposal,
+            device=self.device,
+            seed=tc.seed,
+            backend=config.model.backend,
+            rank=rank,  # stream (seed, rank): disjoint from every other rank's
         )
+        self._ddp: nn.parallel.DistributedDataParallel | None = None
+        self._ddp_stage_kind: str | None = None
         self.epoch = 0  # epochs completed
         self.history: list[dict] = []
         self.beta_schedule = LinearSchedule(
@@ -460,41 +526,81 @@ class Trainer:
         params = [p for g in optimizer.param_groups for p in g["params"]]
         nll_weight = tc.pretrain_nll_weight if stage == "pretrain" else 0.0
         self.model.train()
+        world = self.world
+        objective = None if world is None else self._objective_for(stage)
         sums = torch.zeros(5, dtype=torch.float64, device=self.device)
         count = 0
         start = time.perf_counter()
-        n_batches = math.ceil(len(self.data) / tc.batch_size)
+        # The global batches (what EncodedStrings.batches yields, as row indices).
+        order = batch_order(
+            len(self.data),
+            tc.batch_size,
+            tc.seed,
+            epoch,
+            lengths=self._token_counts if tc.bucket_batches else None,
+        )
+        n_batches = len(order)
         bar = tqdm(
-            self.data.batches(tc.batch_size, tc.seed, epoch, bucket=tc.bucket_batches),
+            order,
             total=n_batches,
             desc=f"epoch {epoch + 1}/{tc.total_epochs} {stage}",
             disable=not self.progress,
             dynamic_ncols=True,
             mininterval=0.5,
         )
-        for i, batch in enumerate(bar):
-            if stage == "finetune":
-                terms = self.model.reconstruction_terms(batch, self.sampler)
+        for i, index in enumerate(bar):
+            if world is None:
+                batch = self.data.batch(index)
+                if stage == "finetune":
+                    terms = self.model.reconstruction_terms(batch, self.sampler)
+                else:
+                    terms = self.model.loss_terms(
+                        batch, self.sampler, tau=tau, beta=beta, nll_weight=nll_weight
+                    )
+                loss = terms.loss
             else:
-                terms = self.model.loss_terms(
-                    batch, self.sampler, tau=tau, beta=beta, nll_weight=nll_weight
+                local = distributed.shard(index, world)
+                token_weight, string_weight = distributed.loss_weights(
+                    self._token_counts, index, local, world.world_size
                 )
+                batch = self.data.batch(local)
+                # token_weight * (rec + beta' kl) with beta' = beta * string_weight /
+                # token_weight weighs the token mean and the string mean each by its own
+                # weight (distributed.py); every rank holds >= 1 string, so token_weight > 0.
+                terms = objective(
+                    batch,
+                    self.sampler,
+                    tau=tau,
+                    beta=beta * string_weight / token_weight,
+                    nll_weight=nll_weight,
+                )
+                loss = terms.loss * token_weight
             optimizer.zero_grad(set_to_none=True)
-            terms.loss.backward()
+            loss.backward()
             if tc.clip_grad_value is not None:
                 torch.nn.utils.clip_grad_value_(params, tc.clip_grad_value)
             optimizer.step()
-            n = len(batch)
-            sums += n * torch.stack([t.detach().double() for t in terms])
+            n = len(index)
+            values = torch.stack([t.detach().double() for t in terms])
+            if world is not None:
+                # This rank's share of the global batch's loss, reconstruction, KL,
+                # token and sequence accuracy; the all_reduce below adds the shares.
+                shares = [token_weight, token_weight, string_weight, token_weight, string_weight]
+                values = values * values.new_tensor(shares) / world.world_size
+            sums += n * values
             count += n
             if self.progress and (i % 20 == 0 or i == n_batches - 1):
+                # Under torchrun: rank 0's part of the batch, at the schedule's beta.
+                shown = terms.loss if world is None else terms.reconstruction + beta * terms.kl
                 bar.set_postfix(
-                    loss=f"{terms.loss.item():.4f}",
+                    loss=f"{shown.item():.4f}",
                     acc=f"{terms.sequence_accuracy.item():.3f}",
                     beta=f"{beta:.3g}",
                     tau=f"{tau:.3g}",
                     refresh=False,
                 )
+        if world is not None:
+            torch.distributed.all_reduce(sums)
         means = (sums / max(count, 1)).tolist()
         return {
             "epoch": epoch + 1,
@@ -510,6 +616,20 @@ class Trainer:
             "seconds": time.perf_counter() - start,
         }
 
+    def _objective_for(self, stage: str) -> nn.parallel.DistributedDataParallel:
+        """The DDP-wrapped objective of ``stage``: one for pretraining and training,
+        one (decoder only) for fine-tuning."""
+        kind = "finetune" if stage == "finetune" else "train"
+        if self._ddp_stage_kind != kind:
+            # One DDP at a time: a second over the same parameters would also hook
+            # their gradients. Dropping the first removes its hooks.
+            self._ddp = None
+            gc.collect()
+            module = (_FinetuneObjective if kind == "finetune" else _TrainingObjective)(self.model)
+            self._ddp = nn.parallel.DistributedDataParallel(module)
+            self._ddp_stage_kind = kind
+        return self._ddp
+
     def fit(self, stop_after: int | None = None) -> list[dict]:
         """Train until all epochs are done (or until ``stop_after`` epochs are
         completed, counting from the start of the run), checkpointing each epoch."""
@@ -519,7 +639,8 @@ class Trainer:
             row = self.train_epoch(epoch)
             self.history.append(row)
             self.epoch = epoch + 1
-            self.write_metrics_csv()
+            if self.is_main:
+                self.write_metrics_csv()
             self.save_checkpoint()
             if self.log_epochs:
                 tqdm.write(
@@ -529,6 +650,11 @@ class Trainer:
                     f"({row['seconds']:.1f}s)"
                 )
         return self.history
+
+    @property
+    def is_main(self) -> bool:
+        """Whether this process writes files and shows progress (rank 0, or the only one)."""
+        return self.world is None or self.world.is_main
 
     @property
     def finished(self) -> bool:
@@ -548,8 +674,20 @@ class Trainer:
             writer.writerow(row)
         write_text_atomic(self.out_dir / METRICS_CSV_NAME, buffer.getvalue())
 
+    @property
+    def _rank_cuda_device(self) -> torch.device | None:
+        """This rank's GPU in a CUDA job, whose RNG state alone is saved."""
+        return self.device if self.world is not None and self.device.type == "cuda" else None
+
     def state_dict(self) -> dict:
-        return {
+        """The checkpoint's contents. Under torchrun a collective (call it on every
+        rank): it gathers every rank's sampler state, and is the same on every rank."""
+        if self.world is None:
+            sampler_states = [self.sampler.state_dict()]
+        else:
+            sampler_states = [None] * self.world.world_size
+            torch.distributed.all_gather_object(sampler_states, self.sampler.state_dict())
+        state = {
             "format": _CHECKPOINT_FORMAT,
             "config": self.config.to_dict(),
             "epoch": self.epoch,
@@ -558,14 +696,24 @@ class Trainer:
             "finetune_optimizer": (
                 None if self.finetune_optimizer is None else self.finetune_optimizer.state_dict()
             ),
-            "sampler": self.sampler.state_dict(),
-            "rng": _rng_state(),
+            "sampler": sampler_states[0],
+            "rng": _rng_state(self._rank_cuda_device),
             "history": list(self.history),
             "data_fingerprint": self.data_fingerprint,
         }
+        if self.world is not None:
+            state["world_size"] = self.world.world_size
+            state["rank_samplers"] = sampler_states
+        return state
 
     def save_checkpoint(self) -> None:
+        """Write the checkpoint atomically (under torchrun: every rank calls it, rank 0
+        writes once all ranks have finished the epoch)."""
+        if self.world is not None:
+            torch.distributed.barrier()
         state = self.state_dict()
+        if not self.is_main:
+            return
         state["digest"] = _state_digest(state)
         atomic_torch_save(state, self.checkpoint_path)
 
@@ -579,9 +727,14 @@ class Trainer:
         log_epochs: bool = False,
         strings: list[str] | None = None,
     ) -> Trainer:
-        """The trainer saved in ``out_dir/checkpoint.pt``, ready to continue."""
+        """The trainer saved in ``out_dir/checkpoint.pt``, ready to continue.
+
+        Under torchrun every rank calls it; the checkpoint must come from a run of
+        the same number of processes (each continues its own sampler stream).
+        """
         path = Path(out_dir) / CHECKPOINT_NAME
         state = load_checkpoint(path)
+        check_world_size(state, path)
         try:
             config = ExperimentConfig.from_dict(state["config"])
             vocabulary = Vocabulary.from_dict(state["model"]["vocabulary"])
@@ -612,14 +765,35 @@ class Trainer:
                 trainer._optimizer_for(config.train.epochs).load_state_dict(
                     state["finetune_optimizer"]
                 )
-            trainer.sampler.load_state_dict(state["sampler"])
-            _set_rng_state(state["rng"])
+            rank_samplers = state.get("rank_samplers", [state["sampler"]])
+            trainer.sampler.load_state_dict(rank_samplers[trainer.sampler.rank])
+            _set_rng_state(state["rng"], trainer._rank_cuda_device)
             trainer.history = list(state["history"])
         except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:
             raise CorruptCheckpointError(path, f"{type(exc).__name__}: {exc}") from None
         if not 0 <= trainer.epoch <= config.train.total_epochs:
             raise CorruptCheckpointError(path, f"epoch {trainer.epoch} is out of range")
         return trainer
+
+
+def check_world_size(state: dict, path) -> None:
+    """Refuse a checkpoint written by another number of processes than this run has."""
+    world = distributed.current_world()
+    processes = 1 if world is None else world.world_size
+    stored = state.get("world_size", 1)  # single-process checkpoints do not say
+    if type(stored) is not int or stored < 1:
+        raise CorruptCheckpointError(path, f"world_size {stored!r} is not a positive int")
+    if stored != processes:
+        how = (
+            "on one process (without torchrun, or --nproc_per_node 1)"
+            if stored == 1
+            else f"under torchrun --nproc_per_node {stored}"
+        )
+        raise ValueError(
+            f"{str(path)!r} was written by {stored} process(es) and this run has {processes}: "
+            f"resume it {how}. Each process continues its own sampler stream, and the "
+            "streams of one world size cannot be split or merged into another's exactly"
+        )
 
 
 def load_checkpoint(path) -> dict:
