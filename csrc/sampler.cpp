@@ -315,6 +315,36 @@ DDF_INLINE void transform_draws(U w0, U w1, U w2, U w3, F d[4]) {
   }
 }
 
+// sigma in (0, inf), NaN excluded, on its bits: read as signed integers of the
+// same width, floats >= +0 order like their values and everything else (sign
+// bit set, NaN, inf) falls outside [1, largest finite] (as _positive_finite in
+// sampling/sampler.py), whatever the denormals-are-zero mode.
+inline bool sigma_ok(float s) {
+  int32_t bits;
+  std::memcpy(&bits, &s, sizeof bits);
+  return bits >= 1 && bits <= 0x7F7FFFFF;
+}
+inline bool sigma_ok(double s) {
+  int64_t bits;
+  std::memcpy(&bits, &s, sizeof bits);
+  return bits >= 1 && bits <= 0x7FEFFFFFFFFFFFFF;
+}
+
+// Position i of the reparametrised draw (see Affine): z = fma(sigma, eps, mu), one rounding.
+template <class T>
+inline bool affine_one(float e, float* eps_out, const T* mu, const T* sigma, T* z, int64_t i) {
+  if (eps_out != nullptr) eps_out[i] = e;
+  z[i] = std::fma(sigma[i], static_cast<T>(e), mu[i]);
+  return sigma_ok(sigma[i]);
+}
+
+template <class T>
+bool affine_scalar(const float* eps, float* eps_out, const T* mu, const T* sigma, T* z, int64_t n) {
+  bool ok = true;
+  for (int64_t i = 0; i < n; ++i) ok &= affine_one(eps[i], eps_out, mu, sigma, z, i);
+  return ok;
+}
+
 // ------------------------------------------------------------ tile functions
 // A tile function generates n_blocks Philox blocks starting at first_block and
 // writes the kept draws, in stream order, to dst; it returns how many. dst
@@ -519,6 +549,102 @@ int64_t transform_tile_avx512(uint64_t first_block, int64_t n_blocks, const Keys
   return per * n_blocks;
 }
 
+// The reparametrised draw over n positions (see Affine): z = fma(sigma, eps, mu),
+// eps copied to eps_out if given; returns whether every sigma lies in (0, inf),
+// tested on its bits as sigma_ok does. Stream: non-temporal stores for z (and
+// for eps_out when it is aligned like z), for outputs too large to stay in cache.
+template <bool Stream>
+bool affine_avx512(const float* eps, float* eps_out, const float* mu, const float* sigma, float* z,
+                   int64_t n) {
+  bool ok = true;
+  int64_t i = 0;
+  if constexpr (Stream)
+    for (; i < n && (reinterpret_cast<uintptr_t>(z + i) & 63); ++i)
+      ok &= affine_one(eps[i], eps_out, mu, sigma, z, i);
+  const bool eps_stream = Stream && eps_out && !(reinterpret_cast<uintptr_t>(eps_out + i) & 63);
+  const __m512i low = _mm512_set1_epi32(1), high = _mm512_set1_epi32(0x7F7FFFFF);
+  __mmask16 bad = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 e = _mm512_loadu_ps(eps + i);
+    const __m512 s = _mm512_loadu_ps(sigma + i);
+    const __m512i bits = _mm512_castps_si512(s);
+    bad |= _mm512_cmplt_epi32_mask(bits, low) | _mm512_cmpgt_epi32_mask(bits, high);
+    const __m512 r = _mm512_fmadd_ps(s, e, _mm512_loadu_ps(mu + i));
+    if constexpr (Stream) {
+      _mm512_stream_ps(z + i, r);
+    } else {
+      _mm512_storeu_ps(z + i, r);
+    }
+    if (eps_stream) {
+      _mm512_stream_ps(eps_out + i, e);
+    } else if (eps_out) {
+      _mm512_storeu_ps(eps_out + i, e);
+    }
+  }
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 e = _mm512_maskz_loadu_ps(m, eps + i);
+    const __m512 s = _mm512_maskz_loadu_ps(m, sigma + i);
+    const __m512i bits = _mm512_castps_si512(s);
+    bad |= m & (_mm512_cmplt_epi32_mask(bits, low) | _mm512_cmpgt_epi32_mask(bits, high));
+    _mm512_mask_storeu_ps(z + i, m, _mm512_fmadd_ps(s, e, _mm512_maskz_loadu_ps(m, mu + i)));
+    if (eps_out) _mm512_mask_storeu_ps(eps_out + i, m, e);
+  }
+  if constexpr (Stream) _mm_sfence();  // order the non-temporal stores before the job completes
+  return ok && bad == 0;
+}
+
+template <bool Stream>
+bool affine_avx512(const float* eps, float* eps_out, const double* mu, const double* sigma,
+                   double* z, int64_t n) {
+  bool ok = true;
+  int64_t i = 0;
+  if constexpr (Stream)
+    for (; i < n && (reinterpret_cast<uintptr_t>(z + i) & 63); ++i)
+      ok &= affine_one(eps[i], eps_out, mu, sigma, z, i);
+  const bool eps_stream = Stream && eps_out && !(reinterpret_cast<uintptr_t>(eps_out + i) & 31);
+  const __m512i low = _mm512_set1_epi64(1), high = _mm512_set1_epi64(0x7FEFFFFFFFFFFFFF);
+  __mmask8 bad = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256 e = _mm256_loadu_ps(eps + i);
+    const __m512d s = _mm512_loadu_pd(sigma + i);
+    const __m512i bits = _mm512_castpd_si512(s);
+    bad |= _mm512_cmplt_epi64_mask(bits, low) | _mm512_cmpgt_epi64_mask(bits, high);
+    const __m512d r = _mm512_fmadd_pd(s, _mm512_cvtps_pd(e), _mm512_loadu_pd(mu + i));  // exact cvt
+    if constexpr (Stream) {
+      _mm512_stream_pd(z + i, r);
+    } else {
+      _mm512_storeu_pd(z + i, r);
+    }
+    if (eps_stream) {
+      _mm256_stream_ps(eps_out + i, e);
+    } else if (eps_out) {
+      _mm256_storeu_ps(eps_out + i, e);
+    }
+  }
+  if (i < n) {
+    const __mmask8 m = static_cast<__mmask8>((1u << (n - i)) - 1);
+    const __m256 e = _mm256_maskz_loadu_ps(m, eps + i);
+    const __m512d s = _mm512_maskz_loadu_pd(m, sigma + i);
+    const __m512i bits = _mm512_castpd_si512(s);
+    bad |= m & (_mm512_cmplt_epi64_mask(bits, low) | _mm512_cmpgt_epi64_mask(bits, high));
+    _mm512_mask_storeu_pd(z + i, m,
+                          _mm512_fmadd_pd(s, _mm512_cvtps_pd(e), _mm512_maskz_loadu_pd(m, mu + i)));
+    if (eps_out) _mm256_mask_storeu_ps(eps_out + i, m, e);
+  }
+  if constexpr (Stream) _mm_sfence();
+  return ok && bad == 0;
+}
+
+// dst[0, n) = src[0, n) with non-temporal stores once dst is 64-byte aligned.
+inline void stream_copy_avx512(float* dst, const float* src, int64_t n) {
+  int64_t i = 0;
+  for (; i < n && (reinterpret_cast<uintptr_t>(dst + i) & 63); ++i) dst[i] = src[i];
+  for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+  for (; i < n; ++i) dst[i] = src[i];
+  _mm_sfence();
+}
+
 #pragma GCC diagnostic pop
 #pragma GCC pop_options
 
@@ -597,20 +723,90 @@ const std::vector<std::string> kIsas{"avx512", "sse2"};
 const std::vector<std::string> kIsas{"sse2"};
 #endif
 
-// Copy the tile's draws, which occupy stream positions [start, start + count), to
-// out[0, need) and then buffer[0, ...).
-inline void place(const float* src, int64_t start, int64_t count, float* out, int64_t need,
-                  float* buffer) {
+// The reparametrised draw z = mu + sigma * eps, fused into the placement of the
+// draws (rsample): the draws bound for the output are turned into z while they
+// are in cache, so eps is never written out and read back. One rounding,
+// z = fma(sigma, eps, mu) in mu's dtype (float32 or float64; the float32 eps is
+// exact in both): the correctly rounded value, the same on every ISA, and what
+// torch.addcmul computes on a CPU with FMA. mu, sigma and z are contiguous and
+// indexed by output position; eps itself is written too only if the caller
+// keeps it (the gradient with respect to sigma). The same pass checks
+// 0 < sigma < inf (the refill then raises, and the caller rewinds its state):
+// sigma is read once.
+struct Affine {
+  const void* mu = nullptr;  // null: plain draws
+  const void* sigma = nullptr;
+  void* z = nullptr;
+  bool is_double = false;
+  bool simd = false;
+  bool stream = false;  // non-temporal stores (outputs much larger than a cache), z and eps
+                        // or, for plain draws, out
+
+  bool active() const { return mu != nullptr; }
+
+  // z at output positions [position, position + n) from the draws eps[0, n),
+  // eps copied to eps_out[position, ...) if eps_out is given; false if some
+  // sigma there is not in (0, inf).
+  bool apply(const float* eps, float* eps_out, int64_t position, int64_t n) const {
+    if (eps_out != nullptr) eps_out += position;
+    if (is_double)
+      return run(eps, eps_out, static_cast<const double*>(mu) + position,
+                 static_cast<const double*>(sigma) + position, static_cast<double*>(z) + position,
+                 n);
+    return run(eps, eps_out, static_cast<const float*>(mu) + position,
+               static_cast<const float*>(sigma) + position, static_cast<float*>(z) + position, n);
+  }
+
+ private:
+  template <class T>
+  bool run(const float* eps, float* eps_out, const T* m, const T* s, T* out, int64_t n) const {
+#if DDF_X86
+    if (simd)
+      return stream ? affine_avx512<true>(eps, eps_out, m, s, out, n)
+                    : affine_avx512<false>(eps, eps_out, m, s, out, n);
+#endif
+    return affine_scalar(eps, eps_out, m, s, out, n);
+  }
+};
+
+// Outputs (eps, or z and eps) of at least this many bytes are written with
+// non-temporal stores: they cannot stay in a core's caches for the consumer
+// anyway, and such stores skip reading each line before writing it.
+constexpr int64_t kStreamBytes = int64_t{8} << 20;
+
+const char* const kBadSigma = "sigma must be finite and > 0 everywhere";
+
+inline void stream_copy(float* dst, const float* src, int64_t n) {
+#if DDF_X86
+  stream_copy_avx512(dst, src, n);
+#else
+  std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(float));
+#endif
+}
+
+// Place the tile's draws, which occupy stream positions [start, start + count):
+// out[0, need) (as eps, and/or as z through `affine`) and then buffer[0, ...).
+// Returns false if `affine` found a sigma outside (0, inf).
+inline bool place(const float* src, int64_t start, int64_t count, float* out, int64_t need,
+                  float* buffer, const Affine& affine) {
   const int64_t end = start + count;
+  bool ok = true;
   if (start < need) {
     const int64_t stop = std::min(end, need);
-    std::memcpy(out + start, src, static_cast<size_t>(stop - start) * sizeof(float));
+    if (affine.active()) {
+      ok = affine.apply(src, out, start, stop - start);
+    } else if (affine.stream && affine.simd) {
+      stream_copy(out + start, src, stop - start);
+    } else {
+      std::memcpy(out + start, src, static_cast<size_t>(stop - start) * sizeof(float));
+    }
   }
   if (end > need) {
     const int64_t from = std::max(start, need);
     std::memcpy(buffer + (from - need), src + (from - start),
                 static_cast<size_t>(end - from) * sizeof(float));
   }
+  return ok;
 }
 
 // ---------------------------------------------------------------- scheduling
@@ -656,7 +852,7 @@ class TileJob final : public ddf::Job {
   // park_all (a test hook, DDF_TEST_HOOKS builds only) parks every tile it can
   // and never waits: the parking and recomputing paths then run deterministically.
   TileJob(TileFn fn, uint64_t block_offset, int64_t n_blocks, const Keys& keys, float* out,
-          int64_t need, float* buffer, bool park_all)
+          int64_t need, float* buffer, const Affine& affine, bool park_all)
       : n_tiles_((n_blocks + kTileBlocks - 1) / kTileBlocks),
         counts_(static_cast<size_t>(n_tiles_), 0),
         parked_(static_cast<size_t>(n_tiles_), nullptr),
@@ -669,7 +865,8 @@ class TileJob final : public ddf::Job {
         keys_(keys),
         out_(out),
         need_(need),
-        buffer_(buffer) {
+        buffer_(buffer),
+        affine_(affine) {
   }
 
   // Claim and finish tiles until none is left to claim. The arena's parked
@@ -698,6 +895,7 @@ class TileJob final : public ddf::Job {
     return all_placed() && copies_in_flight_.load(std::memory_order_acquire) == 0;
   }
   int64_t placed() const { return end_; }
+  bool bad_sigma() const { return bad_sigma_.load(std::memory_order_relaxed); }
   int64_t n_tiles() const { return n_tiles_; }
 
  private:
@@ -790,7 +988,8 @@ class TileJob final : public ddf::Job {
   void copy(const Chain& chain) {
     if (chain.empty()) return;
     for (const auto& [draws, count, position] : chain)
-      place(draws, position, count, out_, need_, buffer_);
+      if (!place(draws, position, count, out_, need_, buffer_, affine_))
+        bad_sigma_.store(true, std::memory_order_relaxed);
     copies_in_flight_.fetch_sub(1, std::memory_order_release);
   }
 
@@ -799,6 +998,7 @@ class TileJob final : public ddf::Job {
   std::atomic<int64_t> next_claim_{0};        // next tile to hand out
   std::atomic<int64_t> next_{0};              // tiles [0, next_) have positions
   std::atomic<int64_t> copies_in_flight_{0};  // chains positioned but not yet copied
+  std::atomic<bool> bad_sigma_{false};        // affine: some sigma outside (0, inf)
   int64_t end_ = 0;                           // draws positioned so far
   std::vector<int64_t> counts_;
   std::vector<const float*> parked_;  // parked tiles' draws, in their threads' arenas
@@ -814,14 +1014,36 @@ class TileJob final : public ddf::Job {
   float* out_;
   int64_t need_;
   float* buffer_;
+  Affine affine_;
 };
+
+Affine make_affine(uintptr_t mu_ptr, uintptr_t sigma_ptr, uintptr_t z_ptr, bool affine_double,
+                   bool simd) {
+  if ((mu_ptr == 0) != (sigma_ptr == 0) || (mu_ptr == 0) != (z_ptr == 0))
+    throw std::invalid_argument("mu_ptr, sigma_ptr and z_ptr are given together or not at all");
+  Affine affine;
+  affine.mu = reinterpret_cast<const void*>(mu_ptr);
+  affine.sigma = reinterpret_cast<const void*>(sigma_ptr);
+  affine.z = reinterpret_cast<void*>(z_ptr);
+  affine.is_double = affine_double;
+  affine.simd = simd;
+  return affine;
+}
 
 int64_t refill(const std::string& method, const std::string& kernel, uint64_t seed,
                uint64_t block_offset, int64_t n_blocks, uintptr_t out_ptr, int64_t need,
                uintptr_t buffer_ptr, int64_t buffer_capacity, int num_threads,
-               const std::string& isa, bool park_all) {
+               const std::string& isa, bool park_all, uintptr_t mu_ptr, uintptr_t sigma_ptr,
+               uintptr_t z_ptr, bool affine_double) {
   if (n_blocks < 0 || need < 0 || buffer_capacity < 0) throw std::invalid_argument("negative size");
-  const Plan plan = make_plan(method, kernel, kIsas[ddf::resolve_isa(isa, kIsas)] == "avx512");
+  const bool simd = kIsas[ddf::resolve_isa(isa, kIsas)] == "avx512";
+  const Plan plan = make_plan(method, kernel, simd);
+  Affine affine = make_affine(mu_ptr, sigma_ptr, z_ptr, affine_double, simd);
+  // Plain draws (sample) stream too: the same rule for out, or for z and eps.
+  const int64_t out_bytes = (affine.active() ? (affine_double ? 8 : 4) : 0) + (out_ptr ? 4 : 0);
+  affine.stream = need * out_bytes >= kStreamBytes;
+  if (out_ptr == 0 && !affine.active())
+    throw std::invalid_argument("out_ptr is required unless z is written (mu_ptr, ...)");
   const int64_t most = n_blocks * plan.draws_per_block;
   if (buffer_capacity < most - need)
     throw std::invalid_argument("buffer capacity " + std::to_string(buffer_capacity) + " < " +
@@ -831,7 +1053,7 @@ int64_t refill(const std::string& method, const std::string& kernel, uint64_t se
   const Keys keys = make_keys(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
   auto job = std::make_shared<TileJob>(plan.fn, block_offset, n_blocks, keys,
                                        reinterpret_cast<float*>(out_ptr), need,
-                                       reinterpret_cast<float*>(buffer_ptr), park_all);
+                                       reinterpret_cast<float*>(buffer_ptr), affine, park_all);
   // Small refills stay on the calling thread: waking a helper costs more than it saves.
   const int64_t useful = n_blocks / kMinBlocksPerThread;
   const int threads = static_cast<int>(
@@ -840,7 +1062,24 @@ int64_t refill(const std::string& method, const std::string& kernel, uint64_t se
   if (threads > 1) ddf::WorkerPool::instance().offer(job, threads - 1);
   job->work();
   job->complete_from_caller();
+  if (job->bad_sigma()) throw std::invalid_argument(kBadSigma);
   return job->placed();
+}
+
+// z = fma(sigma, eps, mu) for n draws already made (those an rsample takes from
+// the buffer), by the same code as the fused refill.
+void affine(uintptr_t eps_ptr, int64_t n, uintptr_t mu_ptr, uintptr_t sigma_ptr, uintptr_t z_ptr,
+            bool affine_double, const std::string& isa) {
+  if (n < 0) throw std::invalid_argument("negative size");
+  if (eps_ptr == 0 || mu_ptr == 0) throw std::invalid_argument("null pointer");
+  const Affine a = make_affine(mu_ptr, sigma_ptr, z_ptr, affine_double,
+                               kIsas[ddf::resolve_isa(isa, kIsas)] == "avx512");
+  bool ok;
+  {
+    py::gil_scoped_release release;
+    ok = a.apply(reinterpret_cast<const float*>(eps_ptr), nullptr, 0, n);
+  }
+  if (!ok) throw std::invalid_argument(kBadSigma);
 }
 
 int64_t draws_per_block(const std::string& method, const std::string& kernel) {
@@ -907,29 +1146,36 @@ std::vector<std::string> supported_isas() { return ddf::supported_isas(kIsas); }
 PYBIND11_MODULE(_sampler, m) {
   m.doc() =
       "Philox4x32-10 rejection / transform / Box-Muller sampling for ddvae_fast.RejectionSampler";
-#ifdef DDF_TEST_HOOKS
-  m.def("refill", &refill, py::arg("method"), py::arg("kernel"), py::arg("seed"),
-        py::arg("block_offset"), py::arg("n_blocks"), py::arg("out_ptr"), py::arg("need"),
-        py::arg("buffer_ptr"), py::arg("buffer_capacity"), py::arg("num_threads"),
-        py::arg("isa") = "auto", py::arg("park_all") = false,
-        "Generate n_blocks Philox blocks from block_offset; write the first `need` kept draws "
-        "(float32) to out_ptr and the rest to buffer_ptr. Returns the number of kept draws. "
-        "park_all (test hook) routes every tile through the out-of-order parking path.");
-#else
+  // park_all is a test hook: with DDF_TEST_HOOKS unset it is refused.
   m.def(
       "refill",
       [](const std::string& method, const std::string& kernel, uint64_t seed, uint64_t block_offset,
          int64_t n_blocks, uintptr_t out_ptr, int64_t need, uintptr_t buffer_ptr,
-         int64_t buffer_capacity, int num_threads, const std::string& isa) {
+         int64_t buffer_capacity, int num_threads, const std::string& isa, bool park_all,
+         uintptr_t mu_ptr, uintptr_t sigma_ptr, uintptr_t z_ptr, bool affine_double) {
+#ifndef DDF_TEST_HOOKS
+        if (park_all) throw std::invalid_argument("park_all needs a DDVAE_FAST_TEST_HOOKS=1 build");
+#endif
         return refill(method, kernel, seed, block_offset, n_blocks, out_ptr, need, buffer_ptr,
-                      buffer_capacity, num_threads, isa, false);
+                      buffer_capacity, num_threads, isa, park_all, mu_ptr, sigma_ptr, z_ptr,
+                      affine_double);
       },
       py::arg("method"), py::arg("kernel"), py::arg("seed"), py::arg("block_offset"),
       py::arg("n_blocks"), py::arg("out_ptr"), py::arg("need"), py::arg("buffer_ptr"),
       py::arg("buffer_capacity"), py::arg("num_threads"), py::arg("isa") = "auto",
+      py::arg("park_all") = false, py::arg("mu_ptr") = 0, py::arg("sigma_ptr") = 0,
+      py::arg("z_ptr") = 0, py::arg("affine_double") = false,
       "Generate n_blocks Philox blocks from block_offset; write the first `need` kept draws "
-      "(float32) to out_ptr and the rest to buffer_ptr. Returns the number of kept draws.");
-#endif
+      "(float32) to out_ptr and the rest to buffer_ptr. Returns the number of kept draws. "
+      "With mu_ptr, sigma_ptr and z_ptr (contiguous, float64 if affine_double else float32) "
+      "the first `need` draws eps also give z = fma(sigma, eps, mu) (out_ptr may then be 0); "
+      "ValueError, after the work, if some sigma is not in (0, inf). "
+      "park_all (test hook) routes every tile through the out-of-order parking path.");
+  m.def("affine", &affine, py::arg("eps_ptr"), py::arg("n"), py::arg("mu_ptr"),
+        py::arg("sigma_ptr"), py::arg("z_ptr"), py::arg("affine_double") = false,
+        py::arg("isa") = "auto",
+        "z = fma(sigma, eps, mu) for n float32 draws eps; ValueError if some sigma is not in "
+        "(0, inf).");
   m.def("draws_per_block", &draws_per_block, py::arg("method"), py::arg("kernel"),
         "Candidates (rejection) or draws (transform, gaussian) per Philox block.");
 #ifdef DDF_TEST_HOOKS

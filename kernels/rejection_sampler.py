@@ -12,20 +12,32 @@ float operations in the same order as the C++ code. Kernels are launched with
 with exact uniforms, correctly rounded fp32 mul/add and no fusion, this backend
 and 'cpp' keep the same candidates (checked bit-for-bit under the interpreter).
 
-Rejection refill (two passes, because a program cannot know how many draws the
-programs before it kept without waiting for them):
-  1. ``rejection_count_kernel``: each program generates its BLOCK Philox
-     blocks (2 BLOCK candidates), runs the accept test and stores its count.
-  2. ``torch.cumsum`` of the counts gives every program its output offset.
-  3. ``rejection_write_kernel``: each program regenerates the same counters
-     (Philox is cheap next to memory traffic), ranks its accepted candidates
-     with ``tl.cumsum`` and writes them at offset + rank: stream positions
-     below ``need`` go to ``out``, the rest to the sampler's buffer.
-Order is the candidate order, fixed by the scan; no atomics are involved. The
-host reads the total once per refill (``RejectionSampler`` does the .item()).
+No host synchronisation: the sampler's bookkeeping lives on the device, in a
+``counters`` tensor (int64: buffer head, buffered count, Philox block offset,
+candidates drawn, error flag), and a call of n draws is two launches (three
+for rejection) that read and update it, whatever the buffer holds:
+  1. ``device_plan_kernel``: every program reads the counters and derives the
+     call's plan: take = min(count, n) draws from the buffer, need = n - take,
+     and the refill size for ``need`` (RejectionSampler's policy, the same
+     float64 operations, so the same size as on the host; ``_refill_units``).
+     It copies the buffered draws to the output and, for rejection, counts
+     the kept candidates of each tile of the refill; program 0 stores the plan.
+  2. ``torch.cumsum`` of the counts gives every tile its output offset
+     (rejection only; transforms keep every draw at a fixed position).
+  3. ``device_write_kernel``: each tile regenerates its candidates (Philox is
+     cheap next to memory traffic), ranks the kept ones with ``tl.cumsum`` and
+     writes them at offset + rank: stream positions below ``need`` to the
+     output, the rest to the buffer. Program 0 then runs the rare short refill
+     (kept < need: further refills, sized by the same policy, until ``need``
+     is met, in one program) and writes the new counters.
+Order is the candidate order, fixed by the scan; no atomics are involved.
+Programs loop over tiles (a grid of at most a few programs per SM), and the
+loop bounds come from the device, so the grid is sized on the host from upper
+bounds only.
 
-Transforms and Box-Muller keep every draw, so one kernel writes them at their
-fixed stream positions and the host needs no count at all.
+``rsample``'s fused draw: with ``affine`` set, the draws bound for the output
+also give z = fma(sigma, eps, mu) (float32, one rounding, as csrc/sampler.cpp),
+and eps itself is stored only if ``keep_eps``.
 
 All offsets are int64; every load/store is masked; BLOCK is a constexpr power
 of two.
@@ -105,60 +117,6 @@ def _shape(u, KERNEL: tl.constexpr):
         p = p * y2 + _S0
         g = y * p
     return g
-
-
-@triton.jit
-def _rejection_candidates(
-    seed, block_offset, n_blocks, pid, KERNEL: tl.constexpr, BLOCK: tl.constexpr
-):
-    """The 2 BLOCK candidates of program ``pid`` in candidate order, and which are kept."""
-    local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    w0, w1, w2, w3 = tl.randint4x(seed, block_offset + local)
-    u = tl.interleave(_sym(w0), _sym(w2))
-    v = tl.interleave(_unit(w1), _unit(w3))
-    cand = pid.to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK).to(tl.int64)
-    keep = (_shape(u, KERNEL) > v) & (cand < n_blocks.to(tl.int64) * 2)
-    return u, keep
-
-
-# The scalar arguments carry fixed types: Triton would otherwise type an int
-# argument by its value (i32 below 2^31, i64, u64 from 2^63), so seeds and
-# counter offsets of different sizes would compile different variants, and
-# its value specializations (== 1, divisible by 16) would add more.
-@triton.jit(do_not_specialize=["seed", "block_offset", "n_blocks"])
-def rejection_count_kernel(
-    counts_ptr,
-    seed: tl.uint64,
-    block_offset: tl.uint64,
-    n_blocks: tl.int64,
-    KERNEL: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    _, keep = _rejection_candidates(seed, block_offset, n_blocks, pid, KERNEL, BLOCK)
-    tl.store(counts_ptr + pid, tl.sum(keep.to(tl.int32), axis=0))
-
-
-@triton.jit(do_not_specialize=["seed", "block_offset", "n_blocks", "need"])
-def rejection_write_kernel(
-    out_ptr,
-    buffer_ptr,
-    ends_ptr,
-    seed: tl.uint64,
-    block_offset: tl.uint64,
-    n_blocks: tl.int64,
-    need: tl.int64,
-    KERNEL: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    u, keep = _rejection_candidates(seed, block_offset, n_blocks, pid, KERNEL, BLOCK)
-    keep_i = keep.to(tl.int32)
-    rank = tl.cumsum(keep_i, axis=0) - keep_i  # exclusive rank inside the program
-    start = tl.load(ends_ptr + pid) - tl.sum(keep_i, axis=0).to(tl.int64)
-    pos = start + rank.to(tl.int64)
-    tl.store(out_ptr + pos, u, mask=keep & (pos < need))
-    tl.store(buffer_ptr + (pos - need), u, mask=keep & (pos >= need))
 
 
 @triton.jit
@@ -246,23 +204,26 @@ def _box_muller(a, b):
     return r * c, r * s
 
 
-@triton.jit(do_not_specialize=["seed", "block_offset", "n_blocks", "need"])
-def transform_kernel(
-    out_ptr,
-    buffer_ptr,
-    seed: tl.uint64,
-    block_offset: tl.uint64,
-    n_blocks: tl.int64,
-    need: tl.int64,
-    MODE: tl.constexpr,
-    KERNEL: tl.constexpr,
-    PER_BLOCK: tl.constexpr,
-    BLOCK: tl.constexpr,
+@triton.jit
+def _tile_candidates(seed, first_block, tile, n_blocks, KERNEL: tl.constexpr, BLOCK: tl.constexpr):
+    """The 2 BLOCK candidates of refill tile ``tile`` in candidate order, and which are
+    kept; the refill is blocks [first_block, first_block + n_blocks)."""
+    local = tl.arange(0, BLOCK).to(tl.int64) + tile * BLOCK
+    w0, w1, w2, w3 = tl.randint4x(seed, first_block + local.to(tl.uint64))
+    u = tl.interleave(_sym(w0), _sym(w2))
+    v = tl.interleave(_unit(w1), _unit(w3))
+    cand = tl.arange(0, 2 * BLOCK).to(tl.int64) + tile * (2 * BLOCK)
+    keep = (_shape(u, KERNEL) > v) & (cand < n_blocks * 2)
+    return u, keep
+
+
+@triton.jit
+def _tile_draws(
+    seed, first_block, tile, MODE: tl.constexpr, KERNEL: tl.constexpr, BLOCK: tl.constexpr
 ):
-    """Every draw is kept: draw k of block j sits at stream position PER_BLOCK j + k."""
-    pid = tl.program_id(0)
-    local = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
-    w0, w1, w2, w3 = tl.randint4x(seed, block_offset + local)
+    """The PER_BLOCK * BLOCK draws of transform / Box-Muller tile ``tile``, in stream order."""
+    local = tl.arange(0, BLOCK).to(tl.int64) + tile * BLOCK
+    w0, w1, w2, w3 = tl.randint4x(seed, first_block + local.to(tl.uint64))
     if MODE == "gaussian":
         z0, z1 = _box_muller(w0, w1)
         z2, z3 = _box_muller(w2, w3)
@@ -285,10 +246,279 @@ def transform_kernel(
             _asin_over_half_pi(_sym(w2)),
             _asin_over_half_pi(_sym(w3)),
         )
-    pos = pid.to(tl.int64) * (PER_BLOCK * BLOCK) + tl.arange(0, PER_BLOCK * BLOCK).to(tl.int64)
-    valid = pos < n_blocks.to(tl.int64) * PER_BLOCK
-    tl.store(out_ptr + pos, draws, mask=valid & (pos < need))
-    tl.store(buffer_ptr + (pos - need), draws, mask=valid & (pos >= need))
+    return draws
+
+
+@triton.jit
+def _refill_units(
+    need,
+    candidates,
+    acceptance,
+    rejection,
+    units_cap,
+    UNIT: tl.constexpr,
+    SLACK_SIGMAS: tl.constexpr,
+    MIN_REFILL: tl.constexpr,
+    MAX_REFILL_FLOOR: tl.constexpr,
+    REFILL_FRACTION: tl.constexpr,
+):
+    """RejectionSampler._refill_units(need) (0 for need = 0), capped at units_cap.
+
+    The same float64 operations in the same order as the Python code
+    (need / a + SLACK * sqrt(need * (1 - a)) / a, ``rejection`` = 1 - a), each
+    correctly rounded (IEEE division and square root, no contraction), so the
+    size is the host's to the bit.
+    """
+    need_f = need.to(tl.float64)
+    expected = need_f / acceptance + SLACK_SIGMAS * tl.sqrt(need_f * rejection) / acceptance
+    units = tl.math.ceil(expected).to(tl.int64)
+    floor = tl.maximum(tl.minimum(candidates // REFILL_FRACTION, MAX_REFILL_FLOOR), MIN_REFILL)
+    units = tl.maximum(units, floor)
+    units = (units + (UNIT - 1)) // UNIT * UNIT
+    return tl.where(need > 0, tl.minimum(units, units_cap), 0)
+
+
+@triton.jit
+def _place(
+    values,
+    pos,
+    keep,
+    take,
+    need,
+    out_ptr,
+    z_ptr,
+    mu_ptr,
+    sigma_ptr,
+    buffer_ptr,
+    keep_eps,
+    affine,
+):
+    """Draws at stream positions ``pos`` (relative to the refill) where ``keep``:
+    below ``need`` to the output (after the ``take`` served from the buffer; as
+    eps if keep_eps, as z = fma(sigma, eps, mu) if affine), the rest to the buffer."""
+    to_out = keep & (pos < need)
+    at = take + pos
+    if keep_eps != 0:
+        tl.store(out_ptr + at, values, mask=to_out)
+    if affine != 0:
+        mu = tl.load(mu_ptr + at, mask=to_out, other=0.0)
+        sigma = tl.load(sigma_ptr + at, mask=to_out, other=0.0)
+        tl.store(z_ptr + at, tl.fma(sigma, values, mu), mask=to_out)
+    tl.store(buffer_ptr + (pos - need), values, mask=keep & (pos >= need))
+
+
+# Scalar arguments carry fixed types: Triton would otherwise type an int
+# argument by its value (i32 below 2^31, i64, u64 from 2^63) and specialize on
+# values (== 1, divisible by 16), so seeds and sizes would compile variants.
+_SCALARS = ["n", "seed", "rank_first", "keep_eps", "affine", "acceptance", "rejection", "units_cap"]
+
+
+@triton.jit(do_not_specialize=_SCALARS)
+def device_plan_kernel(
+    counters_ptr,
+    plan_ptr,
+    counts_ptr,
+    out_ptr,
+    z_ptr,
+    mu_ptr,
+    sigma_ptr,
+    buffer_ptr,
+    n: tl.int64,
+    seed: tl.uint64,
+    rank_first: tl.uint64,
+    keep_eps: tl.int32,
+    affine: tl.int32,
+    acceptance: tl.float64,
+    rejection: tl.float64,
+    units_cap: tl.int64,
+    MODE: tl.constexpr,
+    KERNEL: tl.constexpr,
+    UNIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    COPY: tl.constexpr,
+    SLACK_SIGMAS: tl.constexpr,
+    MIN_REFILL: tl.constexpr,
+    MAX_REFILL_FLOOR: tl.constexpr,
+    REFILL_FRACTION: tl.constexpr,
+):
+    """Step 1 of a call (module docstring): the plan, the buffered draws, the counts."""
+    pid = tl.program_id(0).to(tl.int64)
+    programs = tl.num_programs(0).to(tl.int64)
+    head = tl.load(counters_ptr)
+    count = tl.load(counters_ptr + 1)
+    first_block = tl.load(counters_ptr + 2).to(tl.uint64, bitcast=True)
+    candidates = tl.load(counters_ptr + 3)
+    take = tl.minimum(count, n)
+    need = n - take
+    units = tl.zeros((), tl.int64)
+    if need > 0:  # a branch, not a select: the interpreter then skips the call too
+        units = _refill_units(
+            need, candidates, acceptance, rejection, units_cap,
+            UNIT, SLACK_SIGMAS, MIN_REFILL, MAX_REFILL_FLOOR, REFILL_FRACTION,
+        )  # fmt: skip
+    n_blocks = units // UNIT
+    n_tiles = (n_blocks + (BLOCK - 1)) // BLOCK
+    for chunk in range(pid, (take + (COPY - 1)) // COPY, programs):
+        at = tl.arange(0, COPY).to(tl.int64) + chunk * COPY
+        served = at < take
+        values = tl.load(buffer_ptr + head + at, mask=served, other=0.0)
+        _place(
+            values, at, served, 0, take, out_ptr, z_ptr, mu_ptr, sigma_ptr, buffer_ptr,
+            keep_eps, affine,
+        )  # fmt: skip
+    if MODE == "rejection":
+        for tile in range(pid, n_tiles, programs):
+            _, keep = _tile_candidates(seed, first_block, tile, n_blocks, KERNEL, BLOCK)
+            tl.store(counts_ptr + tile, tl.sum(keep.to(tl.int32), axis=0))
+    if pid == 0:
+        tl.store(plan_ptr, take)
+        tl.store(plan_ptr + 1, need)
+        tl.store(plan_ptr + 2, units)
+        tl.store(plan_ptr + 3, n_blocks)
+        tl.store(plan_ptr + 4, n_tiles)
+        tl.store(plan_ptr + 5, first_block.to(tl.int64, bitcast=True))
+        tl.store(plan_ptr + 6, candidates)
+
+
+@triton.jit
+def _short_refills(
+    kept,
+    take,
+    need,
+    offset,
+    candidates,
+    out_ptr,
+    z_ptr,
+    mu_ptr,
+    sigma_ptr,
+    buffer_ptr,
+    seed,
+    rank_first,
+    keep_eps,
+    affine,
+    acceptance,
+    rejection,
+    units_cap,
+    KERNEL: tl.constexpr,
+    BLOCK: tl.constexpr,
+    SLACK_SIGMAS: tl.constexpr,
+    MIN_REFILL: tl.constexpr,
+    MAX_REFILL_FLOOR: tl.constexpr,
+    REFILL_FRACTION: tl.constexpr,
+    BLOCKS_PER_RANK: tl.constexpr,
+):
+    """Further refills, in one program, while kept < need: the host loop of
+    RejectionSampler._fill, refill for refill. Each draws the policy's size for
+    the draws still missing and places its kept candidates after those already
+    kept. Returns (kept, offset, candidates, error); error = 1 if a refill would
+    have run past the rank's Philox blocks (it is not drawn)."""
+    error = tl.zeros((), tl.int64)
+    while (kept < need) & (error == 0):
+        units = _refill_units(
+            need - kept, candidates, acceptance, rejection, units_cap,
+            2, SLACK_SIGMAS, MIN_REFILL, MAX_REFILL_FLOOR, REFILL_FRACTION,
+        )  # fmt: skip
+        n_blocks = units // 2
+        used = (offset - rank_first).to(tl.int64, bitcast=True)
+        if used + n_blocks > BLOCKS_PER_RANK:
+            error = error + 1
+        else:
+            for tile in range(0, (n_blocks + (BLOCK - 1)) // BLOCK):
+                u, keep = _tile_candidates(seed, offset, tile, n_blocks, KERNEL, BLOCK)
+                keep_i = keep.to(tl.int32)
+                pos = kept + (tl.cumsum(keep_i, axis=0) - keep_i).to(tl.int64)
+                _place(
+                    u, pos, keep, take, need, out_ptr, z_ptr, mu_ptr, sigma_ptr, buffer_ptr,
+                    keep_eps, affine,
+                )  # fmt: skip
+                kept = kept + tl.sum(keep_i, axis=0).to(tl.int64)
+            offset = offset + n_blocks.to(tl.uint64)
+            candidates = candidates + units
+    return kept, offset, candidates, error
+
+
+@triton.jit(do_not_specialize=_SCALARS)
+def device_write_kernel(
+    counters_ptr,
+    plan_ptr,
+    ends_ptr,
+    out_ptr,
+    z_ptr,
+    mu_ptr,
+    sigma_ptr,
+    buffer_ptr,
+    n: tl.int64,
+    seed: tl.uint64,
+    rank_first: tl.uint64,
+    keep_eps: tl.int32,
+    affine: tl.int32,
+    acceptance: tl.float64,
+    rejection: tl.float64,
+    units_cap: tl.int64,
+    MODE: tl.constexpr,
+    KERNEL: tl.constexpr,
+    UNIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+    COPY: tl.constexpr,
+    SLACK_SIGMAS: tl.constexpr,
+    MIN_REFILL: tl.constexpr,
+    MAX_REFILL_FLOOR: tl.constexpr,
+    REFILL_FRACTION: tl.constexpr,
+    BLOCKS_PER_RANK: tl.constexpr,
+):
+    """Step 3 of a call (module docstring): the refill's draws, then (program 0)
+    any short refill and the new counters. The other programs read only the
+    plan, so program 0 may rewrite the counters while they still work."""
+    pid = tl.program_id(0).to(tl.int64)
+    programs = tl.num_programs(0).to(tl.int64)
+    take = tl.load(plan_ptr)
+    need = tl.load(plan_ptr + 1)
+    units = tl.load(plan_ptr + 2)
+    n_blocks = tl.load(plan_ptr + 3)
+    n_tiles = tl.load(plan_ptr + 4)
+    first_block = tl.load(plan_ptr + 5).to(tl.uint64, bitcast=True)
+    for tile in range(pid, n_tiles, programs):
+        if MODE == "rejection":
+            u, keep = _tile_candidates(seed, first_block, tile, n_blocks, KERNEL, BLOCK)
+            keep_i = keep.to(tl.int32)
+            start = tl.load(ends_ptr + tile) - tl.sum(keep_i, axis=0).to(tl.int64)
+            pos = start + (tl.cumsum(keep_i, axis=0) - keep_i).to(tl.int64)
+            _place(
+                u, pos, keep, take, need, out_ptr, z_ptr, mu_ptr, sigma_ptr, buffer_ptr,
+                keep_eps, affine,
+            )  # fmt: skip
+        else:
+            draws = _tile_draws(seed, first_block, tile, MODE, KERNEL, BLOCK)
+            pos = tl.arange(0, UNIT * BLOCK).to(tl.int64) + tile * (UNIT * BLOCK)
+            _place(
+                draws, pos, pos < n_blocks * UNIT, take, need, out_ptr, z_ptr, mu_ptr,
+                sigma_ptr, buffer_ptr, keep_eps, affine,
+            )  # fmt: skip
+    if pid == 0:
+        head = tl.load(counters_ptr)
+        count = tl.load(counters_ptr + 1)
+        candidates = tl.load(plan_ptr + 6) + units
+        offset = first_block + n_blocks.to(tl.uint64)
+        error = tl.load(counters_ptr + 4)
+        if MODE == "rejection":
+            last = tl.maximum(n_tiles - 1, 0)
+            kept = tl.load(ends_ptr + last, mask=n_tiles > 0, other=0)
+            if kept < need:  # rare: the refill's slack was not enough
+                kept, offset, candidates, short_error = _short_refills(
+                    kept, take, need, offset, candidates, out_ptr, z_ptr, mu_ptr, sigma_ptr,
+                    buffer_ptr, seed, rank_first, keep_eps, affine, acceptance, rejection,
+                    units_cap, KERNEL, BLOCK, SLACK_SIGMAS, MIN_REFILL, MAX_REFILL_FLOOR,
+                    REFILL_FRACTION, BLOCKS_PER_RANK,
+                )  # fmt: skip
+                error = error + short_error
+        else:
+            kept = n_blocks * UNIT
+        refilled = need > 0
+        tl.store(counters_ptr, tl.where(refilled, 0, head + take))
+        tl.store(counters_ptr + 1, tl.where(refilled, tl.maximum(kept - need, 0), count - take))
+        tl.store(counters_ptr + 2, offset.to(tl.int64, bitcast=True))
+        tl.store(counters_ptr + 3, candidates)
+        tl.store(counters_ptr + 4, error)
 
 
 def draws_per_block(mode: str, kernel: str) -> int:

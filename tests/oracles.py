@@ -49,6 +49,38 @@ def check_distribution(name, x):
         assert x.min() >= -1 and x.max() <= 1
 
 
+def fma_oracle(sigma, eps, mu, positions):
+    """mu + sigma * eps rounded once (to nearest, ties to even) to mu's dtype, float32
+    or float64, at the flat ``positions``: exact rational arithmetic, then the nearest
+    representable value (for float64 CPython's int / int division is correctly
+    rounded; for float32 the nearest of the three float32 values around it). The
+    reparametrised draw of RejectionSampler.rsample (fused path) must equal it.
+    """
+    from fractions import Fraction
+
+    dtype = mu.dtype
+    tiny = np.float32 if dtype == torch.float32 else np.float64
+    flat = [t.detach().cpu().reshape(-1)[positions].double().tolist() for t in (sigma, eps, mu)]
+    out = []
+    for s, e, m in zip(*flat):
+        exact = Fraction(s) * Fraction(e) + Fraction(m)
+        guess = tiny(float(exact))
+        if dtype == torch.float64:
+            out.append(float(guess))
+            continue
+        candidates = [guess, np.nextafter(guess, tiny(-np.inf)), np.nextafter(guess, tiny(np.inf))]
+        # nearest, and of two equally near the even one
+        out.append(
+            float(
+                min(
+                    candidates,
+                    key=lambda c, x=exact: (abs(Fraction(float(c)) - x), int(c.view(np.int32)) & 1),
+                )
+            )
+        )
+    return torch.tensor(out, dtype=dtype)
+
+
 # The relaxed arg-max loss (docs/loss_backend_contract.md)
 def log_odds(tau):
     """c = log(1/tau - 1), without the cancellation of 1/tau - 1 near tau = 1."""

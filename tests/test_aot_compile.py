@@ -53,7 +53,9 @@ WORKERS = 2
 TARGETS = {"sm80": (80, 163 * 1024), "sm90a": (90, 227 * 1024)}
 REGISTERS_PER_BLOCK = 65536  # per SM on both targets; a block of num_warps warps shares them
 MAX_REGISTERS_PER_THREAD = 255
-RESOURCE_CACHE = "ddvae_fast_aot_resources.json"
+RESOURCE_CACHE = "ddvae_fast_aot_resources_v2.json"
+# Double-precision arithmetic instructions in PTX (the sampler's refill policy).
+F64_OP = re.compile(r"\b((?:add|sub|mul|div|sqrt|rcp|rsqrt|fma|mad)(?:\.[a-z0-9]+)*\.f64)\b")
 
 
 # --------------------------------------------------------------------------- #
@@ -148,28 +150,36 @@ def _sampler_jobs():
     n = 4096
     jobs = []
     for mode, proposal, kernel, constexprs in sampler_triton.specializations():
-        name = kernel.__name__
-        # ``out`` is a slice of the caller's tensor (RejectionSampler._fill), so
-        # it may start anywhere; the other buffers are fresh allocations.
+        # mu and sigma are the caller's (rsample: a contiguous view, which may start
+        # anywhere); every other tensor is a fresh allocation, so aligned.
         for layout, offset in (("aligned", 0), ("unaligned", 1)):
-            out = StandIn(torch.float32, (n,), offset)
-            buffer = StandIn(torch.float32, (n,))
-            scalars = (2**63 + 5, 2**40, 8, n)  # seed, block_offset, n_blocks, need
-            if name == "rejection_count_kernel":
-                if layout == "unaligned":
-                    continue  # no caller tensor
-                run_args = (StandIn(torch.int32, (8,)), *scalars[:3])
-            elif name == "rejection_write_kernel":
-                run_args = (out, buffer, StandIn(torch.int64, (8,)), *scalars)
-            else:
-                run_args = (out, buffer, *scalars)
+            workspace = StandIn(
+                torch.int32 if kernel.__name__ == "device_plan_kernel" else torch.int64, (8,)
+            )
+            tensors = (
+                StandIn(torch.int64, (5,)),  # counters
+                StandIn(torch.int64, (8,)),  # plan
+                workspace,  # per-tile counts (plan kernel) or their running sums (write kernel)
+                StandIn(torch.float32, (n,)),  # out (eps)
+                StandIn(torch.float32, (n,)),  # z
+                StandIn(torch.float32, (n,), offset),  # mu
+                StandIn(torch.float32, (n,), offset),  # sigma
+                StandIn(torch.float32, (2 * n,)),  # buffer
+            )
+            # n, seed, first block of the rank, keep_eps, affine, acceptance, 1 - acceptance, cap
+            scalars = (n, 2**63 + 5, 2**48, 1, 1, 0.457, 0.543, 8192)
             jobs.append(
                 dict(
                     family="sampler",
                     kernel=kernel,
-                    args=run_args,
+                    args=(*tensors, *scalars),
                     kwargs=dict(sampler_triton.LAUNCH_OPTIONS, **constexprs),
-                    label=dict(constexprs, mode=mode, proposal=proposal, layout=layout),
+                    label=dict(
+                        {k: v for k, v in constexprs.items() if k in ("MODE", "KERNEL", "UNIT")},
+                        mode=mode,
+                        proposal=proposal,
+                        layout=layout,
+                    ),
                     num_warps=4,  # Triton's default; TritonSource does not set it
                 )
             )
@@ -251,6 +261,7 @@ def worker(index: int, count: int) -> list[dict]:
             key = compiled.hash
             if key not in cached:
                 cached[key] = _cubin_resources(compiled.asm["cubin"], compiled.metadata.name)
+                cached[key]["f64_ops"] = sorted(set(F64_OP.findall(compiled.asm["ptx"])))
             records.append(
                 dict(
                     job=index + i * count,
@@ -317,7 +328,7 @@ def _update_resource_cache(records):
     path = Path(cache_dir) / RESOURCE_CACHE
     cached = json.loads(path.read_text()) if path.exists() else {}
     for r in records:
-        cached[r["hash"]] = {k: r[k] for k in ("reg", "stack", "local", "shared")}
+        cached[r["hash"]] = {k: r[k] for k in ("reg", "stack", "local", "shared", "f64_ops")}
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(cached))
 
@@ -357,9 +368,8 @@ def test_every_dispatched_specialization_is_compiled(compiled_records):
     assert kernels == {
         "relaxed_argmax_logit_kernel",
         "relaxed_argmax_prob_kernel",
-        "rejection_count_kernel",
-        "rejection_write_kernel",
-        "transform_kernel",
+        "device_plan_kernel",
+        "device_write_kernel",
     }
     assert {r["dtype"] for r in loss} == {"float32", "bfloat16", "float16"}
     assert {r["ONE_BLOCK"] for r in loss} == {True, False}
@@ -396,6 +406,21 @@ def test_no_spills_and_resources_within_limits(compiled_records):
         if problems:
             bad.append(f"{r['target']} {r['kernel']} {r}: {'; '.join(problems)}")
     assert not bad, "\n".join(bad[:20])
+
+
+def test_sampler_refill_policy_is_correctly_rounded_float64(compiled_records):
+    # device_plan_kernel (and the short refills of device_write_kernel) size a
+    # refill with RejectionSampler's float64 formula, and must get the host's
+    # result to the bit: only IEEE round-to-nearest add / mul / div / sqrt, no
+    # approximate division or square root, no fused multiply-add (the kernels
+    # are launched with enable_fp_fusion=False).
+    allowed = {"add.rn.f64", "sub.rn.f64", "mul.rn.f64", "div.rn.f64", "sqrt.rn.f64"}
+    sampler = [r for r in compiled_records if r["family"] == "sampler"]
+    assert sampler
+    for r in sampler:
+        assert set(r["f64_ops"]) <= allowed, (r["kernel"], r["proposal"], r["f64_ops"])
+        if r["kernel"] == "device_plan_kernel":
+            assert {"div.rn.f64", "sqrt.rn.f64"} <= set(r["f64_ops"]), r
 
 
 @settings(max_examples=300, deadline=None)

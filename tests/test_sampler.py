@@ -30,7 +30,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import mutually_broadcastable_shapes
-from oracles import KS_P, check_distribution, pdf64
+from oracles import KS_P, check_distribution, fma_oracle, pdf64
 from scipy import stats
 
 import ddvae_fast as ddf
@@ -223,6 +223,28 @@ def test_cpp_simd_and_scalar_paths_are_bit_identical(method, name):
     a = raw_refill(method, name, 77, 2**32 - 2000, 4099, need=1000, simd="sse2")
     b = raw_refill(method, name, 77, 2**32 - 2000, 4099, need=1000, simd="avx512")
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("out_offset", [0, 1])
+def test_cpp_large_draws_stream_the_same_values(out_offset):
+    # Outputs of 8 MiB or more are written with non-temporal stores (csrc/sampler.cpp,
+    # kStreamBytes), from the first 64-byte aligned element on: the values must be
+    # the scalar path's (plain stores), wherever the output starts.
+    if "avx512" not in cpp.supported_isas():
+        pytest.skip("no AVX-512 on this CPU: only the scalar path exists")
+    need, n_blocks = 2**21 + 3, 2**21 + 5000  # 8 MiB of float32 draws; uniform keeps all
+    outs = {}
+    for isa in ("avx512", "sse2"):
+        out = torch.full((need + out_offset,), float("nan"))
+        buf = torch.full((2 * n_blocks - need,), float("nan"))
+        kept = cpp.refill(
+            "rejection", "uniform", 3, 0, n_blocks, out[out_offset:].data_ptr(), need,
+            buf.data_ptr(), buf.numel(), 2, isa,
+        )  # fmt: skip
+        assert kept == 2 * n_blocks
+        outs[isa] = (out[out_offset:], buf)
+    assert torch.equal(outs["avx512"][0], outs["sse2"][0])
+    assert torch.equal(outs["avx512"][1], outs["sse2"][1])
 
 
 @pytest.mark.parametrize("threads,park_all", [(2, False), (5, False), (1, True), (3, True)])
@@ -741,6 +763,118 @@ def test_rsample_input_errors():
     with pytest.raises(TypeError, match="Tensor"):
         s.rsample(0.0, torch.ones(3))
     assert s.candidates_drawn == 0
+
+
+# ------------------------------------------------------- fused rsample (cpp backend)
+# For float32 and float64 mu the cpp backend writes z = mu + sigma * eps where the
+# draws are made (csrc/sampler.cpp, Affine), rounded once, and checks sigma in the
+# same pass; outputs of 8 MiB or more are written with non-temporal stores.
+def _rounding_sensitive_inputs(n, dtype, seed):
+    """mu up to 1e6 in magnitude with sigma down to 1e-6: z's rounding matters."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = 10.0 ** torch.randint(-2, 7, (n,), generator=gen).double()
+    mu = torch.randn(n, generator=gen, dtype=torch.float64) * scale
+    sigma = 10.0 ** (torch.rand(n, generator=gen, dtype=torch.float64) * 8 - 6)
+    return mu.to(dtype), sigma.to(dtype)
+
+
+def _checked_positions(n, seed):
+    """Both ends (the aligned head and the masked tail of a vector loop) and a sample."""
+    gen = torch.Generator().manual_seed(seed)
+    ends = torch.cat([torch.arange(min(n, 80)), torch.arange(max(n - 80, 0), n)])
+    return torch.cat([ends, torch.randint(0, n, (1200,), generator=gen)]).unique()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n", [37, 5000, 2**20 + 5])  # 2^20 + 5: non-temporal stores (8 MiB)
+@pytest.mark.parametrize("grad", [True, False])
+def test_fused_rsample_is_the_correctly_rounded_fma(dtype, n, grad):
+    mu, sigma = _rounding_sensitive_inputs(n, dtype, n)
+    mu.requires_grad_(grad)
+    sigma.requires_grad_(grad)
+    sampler = RejectionSampler("triweight", seed=9, backend="cpp")
+    twin = RejectionSampler("triweight", seed=9, backend="cpp")
+    sampler.sample(11)  # the buffer then serves the call's first draws, refills the rest
+    twin.sample(11)
+    z = sampler.rsample(mu, sigma)
+    eps = twin.sample(n)
+    positions = _checked_positions(n, n)
+    assert torch.equal(z.detach()[positions], fma_oracle(sigma, eps, mu, positions))
+    assert z.dtype == dtype and z.shape == (n,)
+    assert sampler.candidates_drawn == twin.candidates_drawn
+    assert sampler.buffered == twin.buffered
+    if grad:
+        assert type(z.grad_fn).__name__ == "_ReparametrizeBackward"  # the fused path ran
+        z.backward(torch.ones_like(z))
+        assert torch.equal(sigma.grad, eps.to(dtype))
+        assert torch.equal(mu.grad, torch.ones_like(mu))
+
+
+def _raw_affine_refill(isa, dtype, need, eps_offset, park_all=False):
+    """One cpp refill writing z (and eps at ``eps_offset`` elements into its tensor)."""
+    n_blocks = need * 3 // 2 + 100  # triweight keeps ~46% of 2 candidates per block
+    mu, sigma = _rounding_sensitive_inputs(need, dtype, 3)
+    z = torch.full((need,), float("nan"), dtype=dtype)
+    eps = torch.full((need + eps_offset,), float("nan"))
+    buffer = torch.empty(n_blocks * 2)
+    kept = cpp.refill(
+        "rejection", "triweight", 21, 5, n_blocks, eps[eps_offset:].data_ptr(), need,
+        buffer.data_ptr(), buffer.numel(), 2, isa, park_all, mu.data_ptr(), sigma.data_ptr(),
+        z.data_ptr(), dtype == torch.float64,
+    )  # fmt: skip
+    assert kept >= need
+    return z, eps[eps_offset:]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(
+    "need,eps_offset,park_all", [(4099, 0, False), (2**20 + 3, 0, False), (2**20 + 3, 1, True)]
+)
+def test_fused_rsample_simd_and_scalar_paths_are_bit_identical(dtype, need, eps_offset, park_all):
+    # eps_offset 1: eps is not aligned like z, so only z takes non-temporal stores.
+    # park_all: every tile reaches the output through the parking path (test hook).
+    if "avx512" not in cpp.supported_isas():
+        pytest.skip("no AVX-512 on this CPU: only the scalar path exists")
+    z_simd, eps_simd = _raw_affine_refill("avx512", dtype, need, eps_offset, park_all)
+    z_scalar, eps_scalar = _raw_affine_refill("sse2", dtype, need, eps_offset)
+    assert torch.equal(eps_simd, eps_scalar) and torch.equal(z_simd, z_scalar)
+    positions = _checked_positions(need, 5)
+    mu, sigma = _rounding_sensitive_inputs(need, dtype, 3)
+    assert torch.equal(z_simd[positions], fma_oracle(sigma, eps_simd, mu, positions))
+
+
+@pytest.mark.parametrize("where", ["buffered", "refilled", "last"])
+@pytest.mark.parametrize("bad", [0.0, -0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("dtype,grad", [(torch.float32, True), (torch.float64, False)])
+def test_fused_rsample_refusal_leaves_the_stream_untouched(where, bad, dtype, grad):
+    # The fused path checks sigma while it draws: a refused call must rewind the
+    # RNG position, the candidates count and the buffer exactly.
+    sampler = RejectionSampler("quartic", seed=4, backend="cpp")
+    twin = RejectionSampler("quartic", seed=4, backend="cpp")
+    sampler.sample(5)
+    twin.sample(5)
+    before = sampler.state_dict()
+    assert before["buffer"].numel() > 3
+    n = before["buffer"].numel() + 5000  # served from the buffer first, then a refill
+    sigma = torch.ones(n, dtype=dtype)
+    sigma[{"buffered": 1, "refilled": n // 2, "last": n - 1}[where]] = bad
+    with pytest.raises(ValueError, match="sigma must be finite and > 0"):
+        sampler.rsample(torch.zeros(n, dtype=dtype, requires_grad=grad), sigma.requires_grad_(grad))
+    after = sampler.state_dict()
+    assert torch.equal(after.pop("buffer"), before.pop("buffer")) and after == before
+    assert torch.equal(sampler.sample(n + 100), twin.sample(n + 100))
+
+
+def test_rsample_runs_the_plain_graph_under_a_forward_mode_tangent():
+    # The fused path's autograd Function has no forward-mode formula: with a dual
+    # tensor rsample runs the plain graph (eps, then addcmul), tangent dmu + dsigma eps.
+    mu, sigma = _rounding_sensitive_inputs(3000, torch.float32, 8)
+    eps = RejectionSampler("cosine", seed=2, backend="cpp").sample(3000)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(sigma, torch.full_like(sigma, 2.0))
+        z = RejectionSampler("cosine", seed=2, backend="cpp").rsample(mu, dual)
+        value, tangent = torch.autograd.forward_ad.unpack_dual(z)
+    assert torch.equal(value, torch.addcmul(mu, sigma, eps)) and torch.equal(tangent, 2 * eps)
 
 
 # ------------------------------------------------------------------ construction errors

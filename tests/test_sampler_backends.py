@@ -29,6 +29,8 @@ from oracles import KS_P, check_distribution
 from scipy import stats
 
 from ddvae_fast.distributions.smoothing import KERNELS, PROPOSALS, SMOOTHING_KERNELS
+from ddvae_fast.sampling import triton as triton_source
+from ddvae_fast.sampling.philox import BLOCKS_PER_RANK
 from ddvae_fast.sampling.sampler import TRANSFORM_KERNELS, RejectionSampler
 
 N = 3000  # interpreted Triton: a few thousand draws per test
@@ -125,7 +127,7 @@ def test_triton_state_dict_resumes(name, method):
 @pytest.mark.parametrize("name", KERNELS)
 def test_triton_buffer_accounting(name):
     s = sampler(name, seed=3)
-    calls, size = 200, 37
+    calls, size = 100, 74
     for _ in range(calls):
         s.sample(size)
     n, k0 = calls * size, SMOOTHING_KERNELS[name].k0
@@ -181,3 +183,135 @@ def test_triton_rank_streams_equal_cpp_bit_for_bit(rank):
         assert torch.equal(t.sample(size).cpu(), c.sample(size))
     assert t.state_dict()["block_offset"] == c.state_dict()["block_offset"] >= rank * 2**48
     assert not torch.equal(sampler("quartic", seed=21).sample(600).cpu(), c.sample(600))
+
+
+# ----------------------------------------------- bookkeeping on the device, no host read
+class _RecordedLaunch:
+    """Stands in for a Triton kernel: records the launch, runs nothing."""
+
+    def __init__(self, name, launches):
+        self.name, self.launches = name, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            self.launches.append((self.name, grid, {t.device.type for t in tensors}))
+
+        return launch
+
+
+@pytest.mark.parametrize("name,method", [("tricube", "rejection"), ("cosine", "transform")])
+def test_triton_calls_read_nothing_back(monkeypatch, name, method):
+    # The sampler's device state is moved to the meta device, where a tensor has
+    # no values: any host read of it (.item(), int(), bool(), .tolist(), a copy
+    # to the CPU) raises. The kernels are replaced by recorders. Calls served
+    # from the buffer, calls that refill and calls that grow the buffer must
+    # then still run, launching the kernels and nothing that reads back.
+    s = sampler(name, seed=3, method=method)
+    s.sample(100)  # real draws first: counters, buffer and workspace in use
+    launches = []
+    for kernel in ("device_plan_kernel", "device_write_kernel"):
+        monkeypatch.setattr(triton_source, kernel, _RecordedLaunch(kernel, launches))
+    meta = torch.device("meta")
+    source = s._source
+    s.device = source.device = meta
+    for owner, attr in [(s, "_counters"), (s, "_buffer"), (source, "_plan")]:
+        setattr(owner, attr, getattr(owner, attr).to(meta))
+    source._counts, source._ends = source._counts.to(meta), source._ends.to(meta)
+    sizes = (5, 3, 50_000, 37, 1)  # 50_000: beyond the buffer, and it grows it
+    for n in sizes:
+        out = s.sample(n)
+        assert out.device == meta and out.shape == (n,)
+    assert [name for name, _, _ in launches] == [
+        "device_plan_kernel",
+        "device_write_kernel",
+    ] * len(sizes)
+    assert all(devices == {"meta"} for _, _, devices in launches)
+    # The detector works: reading the bookkeeping is a host read, and it fails here.
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        _ = s.buffered
+
+
+def test_triton_programs_share_the_tiles_as_one_program_does(monkeypatch):
+    # On a GPU a grid of a few programs per SM loops over the tiles and the chunks
+    # of buffered draws; the interpreter runs one program unless asked for more.
+    # Three programs, and copies of 16 draws per chunk, must give the same stream.
+    monkeypatch.setattr(triton_source, "_INTERPRETED_PROGRAMS", 3)
+    monkeypatch.setattr(triton_source, "COPY", 16)
+    for method, name in (("rejection", "cosine"), ("transform", "triangular")):
+        t = sampler(name, seed=6, method=method)
+        c = sampler(name, backend="cpp", seed=6, method=method)
+        for size in (5, 2500, 100, 1):  # 2500 draws: several 1024-candidate tiles
+            assert torch.equal(t.sample(size).cpu(), c.sample(size)), (name, size)
+        assert t.candidates_drawn == c.candidates_drawn and t.buffered == c.buffered
+
+
+def test_triton_short_refills_on_the_device_keep_the_stream(monkeypatch):
+    # A refill short of its draws is followed by more refills inside
+    # device_write_kernel (program 0). Capping every refill at 64 candidates makes
+    # each call take many of them; the draws must still be the cpp stream's.
+    t, c = sampler("triweight", seed=12), sampler("triweight", backend="cpp", seed=12)
+    monkeypatch.setattr(t, "_refill_units", lambda need, candidates=None: 64)
+    for size in (300, 3, 250):
+        assert torch.equal(t.sample(size).cpu(), c.sample(size))
+    # Every refill drew 64 candidates, so 553 draws took at least 9 of them.
+    assert t.candidates_drawn % 64 == 0 and t.candidates_drawn >= 64 * 9
+    assert t.state_dict()["block_offset"] == t.candidates_drawn // 2
+
+
+def test_triton_rank_end_raises_before_drawing_as_cpp_does():
+    # Near the end of a rank's blocks a call reads the counters and checks the
+    # refill exactly (RejectionSampler._fill_on_device): like cpp's host loop it
+    # refuses before any work, the buffered draws included.
+    t, c = sampler("quartic", seed=5, rank=1), sampler("quartic", backend="cpp", seed=5, rank=1)
+    for s in (t, c):
+        state = s.state_dict()
+        state["block_offset"] = 2 * BLOCKS_PER_RANK - 300  # 300 blocks left in rank 1
+        s.load_state_dict(state)
+    assert torch.equal(t.sample(100).cpu(), c.sample(100))
+    for s in (t, c):
+        before = s.state_dict()
+        with pytest.raises(OverflowError, match="used up"):
+            s.sample(2000)
+        after = s.state_dict()
+        assert torch.equal(after.pop("buffer"), before.pop("buffer")) and after == before
+    assert t.state_dict()["block_offset"] == c.state_dict()["block_offset"]
+
+
+def test_triton_a_short_refill_past_the_rank_end_raises(monkeypatch):
+    # The main refill fits, the short refills after it do not: the device raises its
+    # error flag instead of drawing another rank's blocks, and the call's read-back
+    # turns it into the OverflowError of the host loop.
+    t = sampler("triweight", seed=5, rank=2)
+    state = t.state_dict()
+    state["block_offset"] = 3 * BLOCKS_PER_RANK - 200  # 200 blocks = 400 candidates left
+    t.load_state_dict(state)
+    monkeypatch.setattr(t, "_refill_units", lambda need, candidates=None: 256)
+    with pytest.raises(OverflowError, match="used up"):
+        t.sample(1000)  # ~0.46 kept per candidate: 400 candidates cannot give 1000 draws
+    assert t.state_dict()["block_offset"] <= 3 * BLOCKS_PER_RANK
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_triton_rsample_equals_cpp_bit_for_bit(grad):
+    # Both fuse z = fma(sigma, eps, mu) into the draw (one rounding, float32).
+    gen = torch.Generator().manual_seed(4)
+    mu = torch.randn(2500, generator=gen) * 1e3
+    sigma = torch.rand(2500, generator=gen) * 1e-2 + 1e-5
+    t, c = sampler("tricube", seed=14), sampler("tricube", backend="cpp", seed=14)
+    for s in (t, c):
+        s.sample(9)  # the call is served from the buffer first, then refilled
+    zs = []
+    for s, device in ((t, DEVICE), (c, "cpu")):
+        m, g = mu.to(device).requires_grad_(grad), sigma.to(device).requires_grad_(grad)
+        z = s.rsample(m, g)
+        if grad:
+            assert type(z.grad_fn).__name__ == "_ReparametrizeBackward"
+            z.backward(torch.ones_like(z))
+            zs.append((z.detach().cpu(), g.grad.cpu()))
+        else:
+            zs.append((z.cpu(), None))
+    assert torch.equal(zs[0][0], zs[1][0])
+    if grad:
+        assert torch.equal(zs[0][1], zs[1][1])
+    assert t.candidates_drawn == c.candidates_drawn and t.buffered == c.buffered

@@ -42,22 +42,34 @@ class PhiloxSource:
     def per_block(self) -> int:
         raise NotImplementedError
 
-    def _launch(self, n_blocks: int, out: torch.Tensor, need: int, buffer: torch.Tensor) -> int:
+    def _launch(self, n_blocks: int, out, need, buffer, affine=None, offset=0) -> int:
         raise NotImplementedError
 
     def _range(self) -> tuple[int, int]:
         """The blocks [first, end) this rank may draw."""
         return self.rank * BLOCKS_PER_RANK, (self.rank + 1) * BLOCKS_PER_RANK
 
-    def refill(self, n_units: int, out: torch.Tensor, need: int, buffer: torch.Tensor) -> int:
-        """Draw ``n_units`` candidates (a multiple of ``unit``); the first ``need`` kept go
-        to ``out``, the rest to ``buffer``. Returns how many were kept."""
-        n_blocks = n_units // self.unit
+    def used_up(self) -> OverflowError:
+        return OverflowError(
+            f"rank {self.rank} has used up its 2^{64 - RANK_BITS} Philox blocks of this seed"
+        )
+
+    def check_blocks(self, n_blocks: int) -> None:
+        """OverflowError if n_blocks more blocks would run past this rank's range."""
         if self.block_offset + n_blocks > self._range()[1]:
-            raise OverflowError(
-                f"rank {self.rank} has used up its 2^{64 - RANK_BITS} Philox blocks of this seed"
-            )
-        kept = self._launch(n_blocks, out, need, buffer)
+            raise self.used_up()
+
+    def refill(self, n_units: int, out, need: int, buffer, affine=None, offset: int = 0) -> int:
+        """Draw ``n_units`` candidates (a multiple of ``unit``); the first ``need`` kept go
+        to ``out[offset:]``, the rest to ``buffer``. Returns how many were kept.
+
+        ``affine`` (sources with ``affine_dtypes``): (mu, sigma, z), 1-D and
+        contiguous; the first ``need`` kept draws eps also give z = mu + sigma eps
+        at elements [offset, offset + need), and ``out`` may then be None (eps not
+        kept). ``offset`` saves the caller slicing four tensors per refill."""
+        n_blocks = n_units // self.unit
+        self.check_blocks(n_blocks)
+        kept = self._launch(n_blocks, out, need, buffer, affine, offset)
         self.block_offset += n_blocks
         return kept
 

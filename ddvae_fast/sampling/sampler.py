@@ -15,9 +15,12 @@ module is that sampler, with three backends behind one API:
   docs/sampler_stream_contract.md), and draw bit-identical values for the
   same seed and calls. Draws do not depend on the thread count.
 
-Each backend is a draw source (``backends.REGISTRY['sampler']``) with one
-method, ``refill(n_units, out, need, buffer)``; this module owns the one
-rejection loop, the buffer, the seeding and the state.
+Each backend is a draw source (``backends.REGISTRY['sampler']``,
+docs/sampler_stream_contract.md). 'reference' and 'cpp' have one method,
+``refill(n_units, out, need, buffer)``, and this module owns the rejection
+loop, the buffer, the seeding and the state on the host. 'triton' keeps the
+same bookkeeping on the device (``fill``, below): the same refill sizes, so
+the same states, as 'cpp'.
 
 Thread safety: a sampler holds state between calls (buffer, RNG position,
 device), so every public method that reads or changes it (sample, rsample,
@@ -58,24 +61,41 @@ always suffices), but at least max(256, min(2^20, candidates_drawn / 32)):
 small calls are then served from the buffer most of the time while the
 candidates drawn beyond what was asked for stay under ~3% of the total.
 
-Host syncs: none when the buffer covers a call; per refill, 'cpp' returns the
-accepted count from C++ and 'triton' reads it once from the device (one sync
-per rejection refill; transforms and Gaussian draws keep every draw and need
-none). ``rsample`` checks 0 < sigma < inf, which is one more read on CUDA.
+The reparametrised draw. For float32 and float64 mu on 'cpp' (float32 on
+'triton'), ``rsample`` writes z = mu + sigma * eps where the draws are made,
+rounded once (fma), and keeps eps only when sigma needs a gradient: eps is
+never written out and read back, and backward is the closed form (an autograd
+Function that saves eps). 'cpp' checks 0 < sigma < inf in the same pass and
+rewinds the stream if it fails (its refills then write their surplus to a
+spare buffer), so a refused call changes nothing. Other dtypes, 'reference',
+torch.compile, torch.func transforms and forward-mode tangents take the plain
+graph: eps, then addcmul.
+
+Host syncs: none on 'reference' and 'cpp' (CPU). On 'triton' a call reads
+nothing back: the buffer's head and count, the Philox block offset and the
+candidates count live in a device tensor (``_counters``) that the kernels read
+and update (kernels/rejection_sampler.py), and the host sizes grids and the
+buffer from upper bounds it keeps (``_fill_on_device``). They are read back
+only when the host needs them (state_dict, candidates_drawn, buffered, repr,
+moving, pickling), and for every call once a rank has fewer than
+``_DEVICE_HEADROOM_BLOCKS`` blocks to spare. ``rsample`` on CUDA reads one
+value: the check 0 < sigma < inf (benchmarks/gpu_check.py times it).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from .._checks import check_int, check_shape
 from ..backends import implementation, resolve_backend
 from ..distributions.smoothing import get_kernel
-from .philox import RANK_LIMIT
+from .philox import BLOCKS_PER_RANK, RANK_LIMIT
 
 __all__ = [
     "METHODS",
@@ -94,6 +114,12 @@ _MAX_REFILL_FLOOR = 1 << 20
 _REFILL_FRACTION = 32  # a refill is at least candidates_drawn / 32
 _SLACK_SIGMAS = 4.0
 _SEED_LIMIT = 1 << 64
+# Device bookkeeping (the 'triton' source): a call runs without a host read only
+# while this many Philox blocks of its rank are left beyond the call's largest
+# refill, so that the short refills of kernels/rejection_sampler.py cannot run
+# out of blocks (they would need ~2^32 blocks); closer to the end every call
+# reads the counters back and checks exactly, as the host loop does.
+_DEVICE_HEADROOM_BLOCKS = 1 << 32
 _STATE_VERSION = 1
 
 
@@ -145,6 +171,48 @@ def _positive_finite(x: torch.Tensor) -> bool:
     bits, largest = _FLOAT_BITS[x.dtype]
     low, high = torch.aminmax(x.view(bits))
     return bool((low >= 1) & (high <= largest))
+
+
+def _needs_plain_graph(mu: torch.Tensor, sigma: torch.Tensor) -> bool:
+    """True where rsample's fused draw does not apply and the plain graph
+    (eps, then addcmul) runs: under torch.compile (dynamo traces the plain ops),
+    a torch.func transform (jvp, vmap, ...) or a forward-mode tangent. The fused
+    draw's autograd Function has a reverse-mode formula only.
+    """
+    if torch.compiler.is_compiling():
+        return True
+    if torch._C._functorch.peek_interpreter_stack() is not None:
+        return True
+    return forward_ad._current_level >= 0 and any(
+        forward_ad.unpack_dual(t).tangent is not None for t in (mu, sigma)
+    )
+
+
+class _Reparametrize(torch.autograd.Function):
+    """z = mu + sigma * eps with eps drawn inside (rsample's fused path).
+
+    Backward is the closed form, dz/dmu = 1 and dz/dsigma = eps, reduced to the
+    shapes of mu and sigma; it saves only eps (and only when sigma needs a
+    gradient), and it is written in differentiable ops, so double backward
+    works (the second derivative is 0).
+    """
+
+    @staticmethod
+    def forward(ctx, mu, sigma, draw_z):
+        z, eps = draw_z(mu.detach(), sigma.detach(), keep_eps=ctx.needs_input_grad[1])
+        if eps is not None:
+            ctx.save_for_backward(eps)
+        ctx.mu_shape, ctx.sigma_shape = mu.shape, sigma.shape
+        return z
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_mu = grad.sum_to_size(ctx.mu_shape) if ctx.needs_input_grad[0] else None
+        grad_sigma = None
+        if ctx.needs_input_grad[1]:
+            (eps,) = ctx.saved_tensors
+            grad_sigma = (grad * eps.to(grad.dtype)).sum_to_size(ctx.sigma_shape)
+        return grad_mu, grad_sigma, None
 
 
 class RejectionSampler:
@@ -218,9 +286,19 @@ class RejectionSampler:
         # duplicated). Re-entrant: rsample calls sample and may call to.
         self._lock = threading.RLock()
         self._buffer = torch.empty(0, dtype=self._work_dtype, device=self.device)
+        # rsample's fused refills write their surplus here, then swap it in: a
+        # refused call (bad sigma) leaves the buffered draws untouched.
+        self._spare = torch.empty(0, dtype=self._work_dtype, device=self.device)
         self._head = 0
         self._count = 0
         self._candidates = 0
+        # Sources with device bookkeeping ('triton'): head, count, the block offset
+        # and the candidates count live in a device tensor, read back only when the
+        # host needs them (_sync_counters); the host keeps upper bounds to size
+        # the grid and the buffer.
+        self._counters = None
+        if getattr(self._source, "device_bookkeeping", False):
+            self._push_counters()
 
     def _make_source(self, backend: str, device: torch.device, **source_options):
         source = implementation("sampler", backend)
@@ -238,8 +316,10 @@ class RejectionSampler:
         """copy.deepcopy and pickle (e.g. of a model holding a SamplerModule): a
         snapshot taken under the lock, without the lock itself."""
         with self._lock:
+            self._sync_counters()
             state = self.__dict__.copy()
         del state["_lock"]
+        state["_spare"] = self._spare.new_empty(0)  # scratch space, not state
         return state
 
     def __setstate__(self, state: dict) -> None:
@@ -251,15 +331,19 @@ class RejectionSampler:
     def candidates_drawn(self) -> int:
         """Candidates generated so far (draws, for transforms and 'gaussian')."""
         with self._lock:  # read between calls, never halfway through a refill
+            self._sync_counters()
             return self._candidates
 
     @property
     def buffered(self) -> int:
         """Accepted draws waiting in the buffer."""
         with self._lock:
+            self._sync_counters()
             return self._count
 
     def __repr__(self) -> str:
+        with self._lock:
+            self._sync_counters()
         return (
             f"RejectionSampler({self.proposal!r}, backend={self.backend!r}, method={self.method!r}, "
             f"device={self.device}, dtype={self.dtype}, rank={self.rank}, buffered={self._count})"
@@ -298,15 +382,20 @@ class RejectionSampler:
             if device is not None:
                 device = _normalize_device(device)
                 if device != self.device:
+                    self._sync_counters()
                     backend = self._backend_on(device)
                     source = self._make_source(backend, device)
                     source.load_state(self._source.state())
                     live = self._buffer[self._head : self._head + self._count].to(device)
                     self._source, self.backend, self.device = source, backend, device
                     self._buffer = torch.empty(0, dtype=self._work_dtype, device=device)
+                    self._spare = torch.empty(0, dtype=self._work_dtype, device=device)
                     self._ensure_buffer(live.numel())
                     self._buffer[: live.numel()].copy_(live)
                     self._head = 0
+                    self._counters = None
+                    if getattr(source, "device_bookkeeping", False):
+                        self._push_counters()
             if dtype is not None:
                 self.dtype = dtype
         return self
@@ -365,11 +454,21 @@ class RejectionSampler:
                 self._backend_on(_normalize_device(mu.device))  # refuses before any work
             except ValueError as exc:
                 raise ValueError(f"mu and sigma are on device {mu.device}: {exc}") from None
-        if sigma.numel() and not _positive_finite(sigma.detach()):
+        fused = mu.dtype in getattr(self._source, "affine_dtypes", ()) and not _needs_plain_graph(
+            mu, sigma
+        )
+        # The fused draw checks sigma in the same pass and rewinds the stream if it
+        # fails; otherwise (or before a device move) sigma is checked first.
+        fused_check = fused and getattr(self._source, "checks_sigma", False)
+        checked_first = not fused_check or mu.device != self.device
+        if checked_first and sigma.numel() and not _positive_finite(sigma.detach()):
             raise ValueError("sigma must be finite and > 0 everywhere")
         with self._lock:
             if mu.device != self.device:
                 self.to(mu.device)
+                fused = mu.dtype in getattr(self._source, "affine_dtypes", ()) and fused
+            if fused:
+                return _Reparametrize.apply(mu, sigma, functools.partial(self._draw_z, shape))
             eps = self._draw(shape.numel()).view(shape)
         # Plain autograd: addcmul's backward saves only eps (sigma is saved only when
         # eps needs a gradient, which it never does). No clamp is needed for the
@@ -378,38 +477,171 @@ class RejectionSampler:
         # fl(mu - sigma) and fl(mu + sigma); tests/test_sampler.py checks it.
         return torch.addcmul(mu, sigma, eps.to(mu.dtype))
 
-    def _fill(self, out: torch.Tensor) -> None:
-        n = out.numel()
+    def _draw_z(self, shape: torch.Size, mu, sigma, keep_eps: bool):
+        """(z, eps or None): the fused draw of ``rsample`` (lock held, mu and sigma detached).
+
+        z = fma(sigma, eps, mu) is written where the draws are made, so eps is
+        never stored and read back; eps itself is stored only when the gradient
+        with respect to sigma needs it. Broadcast or strided mu and sigma are
+        copied to the output's contiguous layout first.
+        """
+        # (expand only where needed: it costs microseconds of Python per call)
+        mu = (mu if mu.shape == shape else mu.expand(shape)).contiguous().view(-1)
+        sigma = (sigma if sigma.shape == shape else sigma.expand(shape)).contiguous().view(-1)
+        z = torch.empty(shape, dtype=mu.dtype, device=self.device)
+        eps = torch.empty(shape, dtype=self._work_dtype, device=self.device) if keep_eps else None
+        if z.numel():
+            with torch._C._DisableFuncTorch():
+                self._fill(None if eps is None else eps.view(-1), (mu, sigma, z.view(-1)))
+        return z, eps
+
+    def _fill(self, out: torch.Tensor | None, affine=None) -> None:
+        """Fill ``out`` with the next draws: the buffer's first, then refills.
+
+        ``affine`` = (mu, sigma, z), 1-D of one length (``rsample``'s fused path,
+        sources with ``affine_dtypes``): z = mu + sigma * eps is written too, and
+        ``out`` (eps) may be None. The source checks sigma as it goes and raises
+        ValueError; the stream is then rewound to where it was, as if the call had
+        been refused up front: its refills wrote their surplus to the spare buffer,
+        so the buffered draws are untouched.
+        """
+        if self._counters is not None:
+            self._fill_on_device(out, affine)
+            return
+        if affine is None:
+            self._fill_from(out, None, spare=False)
+            return
+        before = (self._head, self._count, self._candidates, self._source.state())
+        try:
+            refilled = self._fill_from(out, affine, spare=True)
+        except ValueError:
+            self._head, self._count, self._candidates = before[:3]
+            self._source.load_state(before[3])
+            raise
+        if refilled:  # the surplus lies in the spare buffer
+            self._buffer, self._spare = self._spare, self._buffer
+
+    def _fill_from(self, out, affine, *, spare: bool) -> bool:
+        """_fill's loop: the buffer first, then refills whose surplus goes to the
+        spare buffer if ``spare``. Returns whether a refill ran."""
+        n = out.numel() if out is not None else affine[2].numel()
         take = min(self._count, n)
+        if take < n and hasattr(self._source, "check_blocks"):
+            # A rank without the blocks for the refill refuses before any work.
+            self._source.check_blocks(self._refill_units(n - take) // self._unit)
         if take:
-            out[:take].copy_(self._buffer[self._head : self._head + take])
+            served = self._buffer[self._head : self._head + take]
+            if affine is not None:
+                self._source.affine(served, affine)
+            if out is not None:
+                out[:take].copy_(served)
             self._head += take
             self._count -= take
         filled = take
         while filled < n:
-            filled += self._refill(out[filled:], n - filled)
+            if affine is None:
+                filled += self._refill(out[filled:], n - filled, spare=spare)
+            else:
+                filled += self._refill(out, n - filled, affine, filled, spare=spare)
+        return filled > take
 
-    def _refill_units(self, need: int) -> int:
+    def _refill_units(self, need: int, candidates: int | None = None) -> int:
+        """Candidates of a refill for ``need`` draws, after ``candidates`` (default:
+        those drawn so far). kernels/rejection_sampler.py repeats this on the device."""
         a = self._acceptance
+        candidates = self._candidates if candidates is None else candidates
         expected = need / a + _SLACK_SIGMAS * math.sqrt(need * (1.0 - a)) / a
-        floor = max(_MIN_REFILL, min(_MAX_REFILL_FLOOR, self._candidates // _REFILL_FRACTION))
+        floor = max(_MIN_REFILL, min(_MAX_REFILL_FLOOR, candidates // _REFILL_FRACTION))
         units = max(math.ceil(expected), floor)
         return -(-units // self._unit) * self._unit
 
-    def _ensure_buffer(self, capacity: int) -> None:
-        if self._buffer.numel() < capacity:
+    def _ensure_buffer(self, capacity: int, name: str = "_buffer") -> torch.Tensor:
+        """The buffer ``name`` (``_buffer``, or ``_spare`` for rsample's refills)
+        with room for ``capacity`` draws; its contents are kept only if it fits."""
+        if getattr(self, name).numel() < capacity:
             capacity = -(-capacity // 4096) * 4096
-            self._buffer = torch.empty(capacity, dtype=self._work_dtype, device=self.device)
+            setattr(self, name, torch.empty(capacity, dtype=self._work_dtype, device=self.device))
+        return getattr(self, name)
 
-    def _refill(self, out: torch.Tensor, need: int) -> int:
-        """One refill for ``need`` draws (buffer empty): returns how many went to ``out``."""
+    def _refill(
+        self, out: torch.Tensor | None, need: int, affine=None, offset=0, *, spare=False
+    ) -> int:
+        """One refill for ``need`` draws (buffer empty): returns how many went to ``out``.
+
+        With ``affine`` the draws go to elements [offset, offset + need) of out
+        and z (the source's refill). The surplus goes to the sampler's buffer,
+        or to its spare one if ``spare`` (``_fill`` with ``affine``), grown first
+        to the largest possible surplus.
+        """
         units = self._refill_units(need)
-        self._ensure_buffer(max(units - need, 1))  # room for the largest possible surplus
-        kept = self._source.refill(units, out, need, self._buffer)
+        buffer = self._ensure_buffer(max(units - need, 1), "_spare" if spare else "_buffer")
+        if affine is None:
+            kept = self._source.refill(units, out, need, buffer)
+        else:
+            kept = self._source.refill(units, out, need, buffer, affine, offset)
         self._candidates += units
         self._head = 0
         self._count = max(kept - need, 0)
         return min(kept, need)
+
+    # -------------------------------------------------------- device bookkeeping
+    def _push_counters(self) -> None:
+        """Host values (head, count, block offset, candidates) -> the device counters."""
+        offset = self._source.block_offset
+        signed = offset - (1 << 64) if offset >= 1 << 63 else offset  # int64 storage
+        values = [self._head, self._count, signed, self._candidates, 0]
+        self._counters = torch.tensor(values, dtype=torch.int64).to(self.device)
+        self._host_current = True
+        self._candidates_bound, self._offset_bound = self._candidates, offset
+
+    def _sync_counters(self) -> None:
+        """Device counters -> host values: the one host read of a device-bookkept
+        sampler, made only when the host needs them (state, properties, moves)."""
+        if self._counters is None or self._host_current:
+            return
+        head, count, offset, candidates, error = self._counters.tolist()
+        self._head, self._count, self._candidates = head, count, candidates
+        self._source.block_offset = offset & ((1 << 64) - 1)
+        self._host_current = True
+        self._candidates_bound, self._offset_bound = candidates, self._source.block_offset
+        if error:  # a short refill found its rank's blocks used up (kernels/rejection_sampler.py)
+            self._push_counters()  # clears the flag; the stream stays where it stopped
+            raise self._source.used_up()
+
+    def _fill_on_device(self, out: torch.Tensor | None, affine) -> None:
+        """_fill for a device-bookkept source: launches only, no host read.
+
+        The host sizes the refill and the buffer from upper bounds: the refill
+        for all n draws (need <= n) after at most ``_candidates_bound``
+        candidates. The device computes the exact size and never exceeds it.
+        Near the end of the rank's Philox blocks the counters are read first,
+        the refill checked exactly, and read again after (see
+        _DEVICE_HEADROOM_BLOCKS).
+        """
+        n = out.numel() if out is not None else affine[2].numel()
+        if n == 0:
+            return
+        cap = self._refill_units(n, self._candidates_bound)
+        first = self._source._range()[0]
+        checked = (
+            self._offset_bound - first + cap // self._unit + _DEVICE_HEADROOM_BLOCKS
+            > BLOCKS_PER_RANK
+        )
+        if checked:
+            self._sync_counters()
+            need = n - min(self._count, n)
+            if need:  # refuse before any work, as the host loop does
+                self._source.check_blocks(self._refill_units(need) // self._unit)
+        if self._buffer.numel() < cap:  # grow, keeping the buffered draws
+            old = self._buffer
+            self._buffer = torch.empty(-(-cap // 4096) * 4096, dtype=old.dtype, device=old.device)
+            self._buffer[: old.numel()].copy_(old)
+        self._source.fill(self._counters, self._buffer, n, cap, self._acceptance, out, affine)
+        self._host_current = False
+        self._candidates_bound += cap
+        self._offset_bound += cap // self._unit
+        if checked:
+            self._sync_counters()
 
     # ---------------------------------------------------------------------- state
     def state_dict(self) -> dict:
@@ -419,6 +651,7 @@ class RejectionSampler:
         sampler of the same stream on any device.
         """
         with self._lock:
+            self._sync_counters()
             state = {
                 "version": _STATE_VERSION,
                 "proposal": self.proposal,
@@ -506,6 +739,8 @@ class RejectionSampler:
         self._buffer[: buffer.numel()].copy_(buffer)
         self._head = 0
         self._count = buffer.numel()
+        if self._counters is not None:
+            self._push_counters()
 
 
 class SamplerModule(nn.Module):
