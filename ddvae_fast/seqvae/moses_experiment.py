@@ -62,7 +62,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import tomllib
 import torch
 
 from .._checks import check_bool, check_finite_real, check_int
@@ -71,7 +70,7 @@ from ..schedules import LinearSchedule, LogLinearSchedule
 from .data import Vocabulary
 from .io import atomic_write, check_known_keys, write_text_atomic
 from .moses_metrics import MOSES_KEYS
-from .trainer import CONFIG_DIR, ExperimentConfig, Trainer
+from .trainer import CONFIG_DIR, ExperimentConfig, Trainer, read_config_file
 
 __all__ = [
     "CURVE_COLUMNS",
@@ -215,15 +214,7 @@ class MosesConfig:
 def load_moses_config(path) -> MosesConfig:
     """A MosesConfig from a TOML file: an ExperimentConfig plus a ``[moses]`` table."""
     path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"config file {str(path)!r} is a directory, expected a TOML file")
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    try:
-        with open(path, "rb") as handle:
-            values = tomllib.load(handle)
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+    values = read_config_file(path)
     try:
         return MosesConfig.from_dict(values)
     except (TypeError, ValueError) as exc:

@@ -245,19 +245,24 @@ class ExperimentConfig:
         return replace(self, train=train)
 
 
-def load_config(path) -> ExperimentConfig:
-    """An ExperimentConfig from a TOML file (see ddvae_fast/seqvae/configs/)."""
+def read_config_file(path) -> dict:
+    """The tables of a TOML config file; a missing, unreadable or invalid file is a
+    ValueError or FileNotFoundError naming it."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"config file {str(path)!r} is a directory, expected a TOML file")
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} does not exist")
-    with open(path, "rb") as handle:
-        try:
-            values = tomllib.load(handle)
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
-    return ExperimentConfig.from_dict(values)
+    try:
+        with open(path, "rb") as handle:
+            return tomllib.load(handle)
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"config file {str(path)!r} is not valid TOML: {exc}") from None
+
+
+def load_config(path) -> ExperimentConfig:
+    """An ExperimentConfig from a TOML file (see ddvae_fast/seqvae/configs/)."""
+    return ExperimentConfig.from_dict(read_config_file(path))
 
 
 def builtin_config(name: str) -> Path:
