@@ -32,6 +32,7 @@ from ..decoding import UNDEFINED_TOKEN, deterministic_argmax
 from ..distributions import KERNELS, PRIORS, PROPOSALS, kl_divergence, uniform_prior_transform
 from ..loss import decoder_loss
 from .data import SPECIAL_TOKENS, SequenceBatch, Vocabulary, encode_strings
+from .gru import gru_final_states, gru_layers
 from .io import atomic_torch_save, check_known_keys, check_torch_file
 
 MODES = ("argmax", "sample")
@@ -151,7 +152,11 @@ class SequenceDDVAE(nn.Module):
         """(mu, sigma) of q(z|x) for a batch, after the prior's transform."""
         tokens, lengths = batch.tokens, batch.lengths
         emb = self.encoder_embedding(tokens.t())  # (T, B, E)
-        if tokens.shape[0] and bool((lengths == tokens.shape[1]).all()):
+        if (
+            emb.device.type != "cpu"
+            and tokens.shape[0]
+            and bool((lengths == tokens.shape[1]).all())
+        ):
             _, h = self.encoder_rnn(emb)  # no padding: skip the packing overhead
         else:
             h = self._final_states(emb, lengths)
@@ -164,16 +169,19 @@ class SequenceDDVAE(nn.Module):
 
     def _final_states(self, emb: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Each encoder layer's state at each sequence's last token, as nn.GRU's h_n,
-        from time-major embeddings ``emb`` (T, B, E).
+        from time-major embeddings ``emb`` (T, B, E). The layers run on the
+        module's own weights, so checkpoints are unchanged.
 
-        Padding follows the tokens, so a layer's states at valid positions do not
-        depend on it: running each layer over the padded batch and gathering the
-        state at position length - 1 gives the packed GRU's h_n, without the
-        packed GRU's per-step batches, whose CPU backward is about 2x slower
-        (benchmarks/bench_train_step.py). The layers run on the module's own
-        weights, so checkpoints are unchanged.
+        On CPU, seqvae.gru runs them packed: step t holds only the sequences
+        longer than t, so padding costs nothing, in fewer and larger ops than
+        nn.GRU's (benchmarks/bench_train_step.py). Elsewhere each layer runs as
+        nn.GRU over the padded batch and the state at position length - 1 is
+        gathered: padding follows the tokens, so the states at valid positions
+        do not depend on it, and this avoids the packed nn.GRU's per-step batches.
         """
         rnn = self.encoder_rnn
+        if emb.device.type == "cpu":
+            return gru_final_states(rnn, emb, lengths)
         weights = rnn._flat_weights
         per_layer = len(weights) // rnn.num_layers
         index = (lengths - 1).clamp(min=0).view(1, -1, 1).expand(1, -1, rnn.hidden_size)
@@ -216,8 +224,15 @@ class SequenceDDVAE(nn.Module):
         tokens = batch.tokens.t()
         bos = torch.full_like(tokens[:1], self.vocabulary.bos)
         emb = self.decoder_embedding(torch.cat([bos, tokens[:-1]], dim=0))
-        inputs = torch.cat([emb, z.unsqueeze(0).expand(tokens.shape[0], -1, -1)], dim=-1)
-        out, _ = self.decoder_rnn(inputs, self._initial_state(z))
+        rnn, h0 = self.decoder_rnn, self._initial_state(z)
+        if z.device.type == "cpu":
+            # seqvae.gru's layers (fewer, larger ops than nn.GRU's on CPU). z is
+            # the same at every step: its part of the first layer's input gates
+            # is computed once per sequence instead of concatenating z to each step.
+            out = gru_layers(rnn, emb, h0, sequence_input=z)[-1]
+        else:
+            inputs = torch.cat([emb, z.unsqueeze(0).expand(tokens.shape[0], -1, -1)], dim=-1)
+            out, _ = rnn(inputs, h0)
         logits = self.decoder_to_logits(out)
         return logits.transpose(0, 1) if batch_first else logits
 
