@@ -82,6 +82,23 @@ def _sampler_rsample(data):
     return rows
 
 
+def _loss_bandwidth(data):
+    return [
+        {
+            "(N, V)": shape.replace("x", " x "),
+            "bandwidth limit (ms)": b["bandwidth_limit_ms"],
+            "fresh gradient, huge pages (ms)": b["kernel_fresh_grad_ms"],
+            "fresh gradient, torch.empty (ms)": b.get("kernel_torch_empty_grad_ms"),
+            "reused gradient (ms)": b["kernel_reused_grad_ms"],
+            "huge pages / limit": b["fresh_over_limit"],
+            "torch.empty / limit": b.get("torch_empty_over_limit"),
+            "reused / limit": b["reused_over_limit"],
+        }
+        for shape, r in data["shapes"].items()
+        if (b := r.get("bandwidth"))
+    ]
+
+
 def _aot(data):
     return [
         {
@@ -111,9 +128,12 @@ def _synthetic_seeds(data):
     ]
 
 
+# Tables rendered from another table's results file: name -> file name.
+SOURCES = {"cpu_loss_bandwidth": "cpu_loss_in_loop"}
 # Results files whose layout is not a plain list of rows: name -> rows.
 VIEWS = {
     "cpu_loss_in_loop": _loss_in_loop,
+    "cpu_loss_bandwidth": _loss_bandwidth,
     "cpu_linear_loss": _linear_loss,
     "cpu_sampler_rsample": _sampler_rsample,
     "aot_sm80": _aot,
@@ -123,7 +143,7 @@ VIEWS = {
 
 
 def render(name: str) -> str:
-    path = RESULTS / f"{name}.json"
+    path = RESULTS / f"{SOURCES.get(name, name)}.json"
     data = json.loads(path.read_text())
     rows = VIEWS[name](data) if name in VIEWS else data["rows"]
     columns = (data.get("columns") or list(rows[0])) if rows else []
@@ -132,7 +152,7 @@ def render(name: str) -> str:
         machine = ", ".join(f"{v}" if k == "cpu" else f"{k} {v}" for k, v in machine.items())
     lines = [
         f"*{machine}, {data.get('date', 'undated')}; "
-        f"`{data.get('command', '')}` (benchmarks/results/{name}.json)*",
+        f"`{data.get('command', '')}` (benchmarks/results/{path.name})*",
         "",
         "| " + " | ".join(columns) + " |",
         "|" + "---|" * len(columns),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._memory import empty_cpu
 from ..backends import cpp_module
 
 __all__ = ["forward", "supported_isas"]
@@ -57,7 +58,8 @@ def forward(
     argmax_rows = torch.empty(num_rows, dtype=rows_dtype)
     nll_rows = torch.empty(num_rows, dtype=rows_dtype)
     correct_rows = torch.empty(num_rows, dtype=torch.bool)
-    grad = torch.empty((num_rows, num_classes) if need_grad else (0,), dtype=dtype)
+    # Written once per call and then owned by autograd: huge pages when large (_memory.py).
+    grad = empty_cpu((num_rows, num_classes) if need_grad else (0,), dtype)
     # The kernel writes every element of every output (no zero-fill needed).
     module.forward(
         logits.data_ptr(),
