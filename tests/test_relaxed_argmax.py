@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -587,6 +589,26 @@ def test_torch_compile_fullgraph_reference_path():
     compiled_fn = _compiled_matches_eager(fn, logits, target)
     with pytest.raises(ValueError, match="target contains 7"):
         compiled_fn(logits, torch.full_like(target, 7))
+
+
+def test_backend_resolution_is_a_compile_constant_without_importing_dynamo():
+    # api.py sets by hand the mark torch.compiler.assume_constant_result sets,
+    # so that importing the library does not import torch._dynamo (seconds per
+    # process). If torch changes what the decorator does, this fails.
+    def probe():
+        return 1
+
+    marked = torch.compiler.assume_constant_result(probe)
+    assert marked is probe and set(vars(probe)) == {"_dynamo_marked_constant"}
+    assert ra._resolve_backend._dynamo_marked_constant is True
+    logits, target = random_batch((3, 4), 7, seed=16, dtype=torch.float32)
+    _compiled_matches_eager(lambda x, t: ddf.relaxed_argmax_loss(x, t, 0.2), logits, target)
+    code = (
+        "import sys, ddvae_fast, ddvae_fast.loss.api, ddvae_fast.loss.linear, "
+        "ddvae_fast.sampling.sampler, ddvae_fast.distributions.proposals; "
+        "sys.exit('torch._dynamo' in sys.modules)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 def test_torch_compile_fullgraph_op_path():

@@ -108,11 +108,16 @@ def _check_logits_target(logits, target) -> None:
         )
 
 
-@torch.compiler.assume_constant_result
 def _resolve_backend(backend, device: torch.device) -> str:
     # torch.compile evaluates this once while tracing (resolve_backend's
     # cached import probes are not traceable) and guards on the result.
     return resolve_backend(backend, device)
+
+
+# What torch.compiler.assume_constant_result(_resolve_backend) does, without
+# importing torch._dynamo when this module loads (2-5 s in every process);
+# tests/test_loss_derivatives.py checks that the decorator still sets only this.
+_resolve_backend._dynamo_marked_constant = True
 
 
 def _select_backend(backend, logits: Tensor) -> str:
