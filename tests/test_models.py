@@ -285,6 +285,25 @@ def test_sample_from_prior_is_seeded_and_in_support():
     assert abs(zg.std().item() - 1) < 0.03 and abs(zg.mean().item()) < 0.03
 
 
+def test_transform_input_scale_is_the_authors_sigmoid_form():
+    # Their encoder output (m, log s) gives left = sigmoid(m - s), right =
+    # sigmoid(m + s), mu' = left + right - 1, sigma' = right - left, computed
+    # here independently of ddvae_fast's transform.
+    model = _model(transform_input_scale=0.5, initial_log_sigma=0.0)
+    batch = encode_strings(STRINGS, model.vocabulary)
+    with torch.no_grad():
+        mu, sigma = model.encode_batch(batch)
+        emb = model.encoder_embedding(batch.tokens.t())
+        h = model._final_states(emb, batch.lengths).transpose(0, 1).reshape(len(STRINGS), -1)
+        m, log_s = model.encoder_to_latent(h).double().chunk(2, dim=-1)
+    left, right = torch.sigmoid(m - log_s.exp()), torch.sigmoid(m + log_s.exp())
+    torch.testing.assert_close(mu.double(), left + right - 1, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sigma.double(), right - left, rtol=1e-5, atol=1e-6)
+    for bad in (0.0, -1.0, math.inf, True, "0.5"):
+        with pytest.raises(ValueError, match="transform_input_scale"):
+            ModelConfig(transform_input_scale=bad)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="bounded proposal"):
         _model(prior="uniform", proposal="gaussian")

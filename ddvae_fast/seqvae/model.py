@@ -55,6 +55,11 @@ class ModelConfig:
     # uniform-prior proposals start overlapping over ~3/4 of the square and a
     # short run often fails to separate them.
     initial_log_sigma: float = -0.6931471805599453
+    # Uniform prior: the encoder's (mu, sigma) are multiplied by this before the
+    # transform of Eq. 9-10. 0.5 is the authors' sigmoid form exactly (with
+    # initial_log_sigma = 0 for the same starting widths); the optimum is the
+    # same, but Adam's step per parameter is not, so mu moves half as fast.
+    transform_input_scale: float = 1.0
     score: str = "logit"  # what the relaxed arg max compares: 'logit' or 'prob'
     backend: str = "auto"  # backend of the decoder loss
 
@@ -80,6 +85,14 @@ class ModelConfig:
             raise ValueError(
                 f"initial_log_sigma must be a finite number, got {self.initial_log_sigma!r}"
             )
+        scale = self.transform_input_scale
+        if (
+            not isinstance(scale, (int, float))
+            or isinstance(scale, bool)
+            or not math.isfinite(scale)
+            or scale <= 0
+        ):
+            raise ValueError(f"transform_input_scale must be a number > 0, got {scale!r}")
         if self.score not in ("logit", "prob"):
             raise ValueError(f"score must be 'logit' or 'prob', got {self.score!r}")
         if not isinstance(self.backend, str):
@@ -164,6 +177,9 @@ class SequenceDDVAE(nn.Module):
         mu, log_sigma = self.encoder_to_latent(h).chunk(2, dim=-1)
         sigma = log_sigma.exp()
         if self.config.prior == "uniform":
+            scale = self.config.transform_input_scale
+            if scale != 1.0:
+                mu, sigma = mu * scale, sigma * scale
             mu, sigma = uniform_prior_transform(mu, sigma)
         return mu, sigma
 
