@@ -10,13 +10,16 @@ Each run's moses_curve.csv holds one row per evaluation (the first epoch at
 which the held-out reconstruction fell below 90%, 80%, 70%; one row can stand
 for several levels when one epoch crossed them together). The table pairs each
 level with the paper's Table 3 value for the same model family: DD-VAE with
-the triweight proposal (T), VAE with the Gaussian proposal (G). It also draws
-both curves into one Figure 7 (docs/images/figure7_small.png).
+the triweight proposal (T), VAE with the Gaussian proposal (G). It also writes
+both curves, every MOSES metric included, to one CSV
+(benchmarks/results/moses_small_curves.csv) and draws them into one Figure 7
+(docs/images/figure7_small.png).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import os
@@ -24,10 +27,11 @@ import platform
 import sys
 from pathlib import Path
 
-from ddvae_fast.seqvae.moses_experiment import plot_figure7, read_curve
+from ddvae_fast.seqvae.moses_experiment import CURVE_COLUMNS, plot_figure7, read_curve
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "moses_small.json"
+CURVES = ROOT / "benchmarks" / "results" / "moses_small_curves.csv"
 FIGURE = ROOT / "docs" / "images" / "figure7_small.png"
 
 # Table 3 of the paper (mean over runs), keyed by reconstruction level.
@@ -143,9 +147,14 @@ def main(argv=None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
+    with CURVES.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(CURVE_COLUMNS), extrasaction="ignore")
+        writer.writeheader()
+        for _, curve_rows in curves.values():
+            writer.writerows(curve_rows)
     args.figure.parent.mkdir(parents=True, exist_ok=True)
     plot_figure7(list(curves.values()), args.figure)
-    print(json.dumps(record["verdicts"]), "\nwrote", args.out, "and", args.figure)
+    print(json.dumps(record["verdicts"]), "\nwrote", args.out, CURVES, "and", args.figure)
     return 0
 
 

@@ -266,6 +266,23 @@ def test_protocol_follows_the_reconstruction(tmp_path, monkeypatch):
     assert [float(r["beta"]) for r in curve] == pytest.approx([want_beta[e] for e in (1, 3, 5, 6)])
 
 
+def test_pretrain_lr_steps_then_one_more_halving_at_the_ramp(tmp_path, monkeypatch):
+    # lr halves every 2 fixed-beta epochs; 95% is reached after epoch index 4,
+    # so epochs 0-4 train at 1e-3 * 0.5 ** (e // 2) and the ramp at one halving more.
+    Scripted(monkeypatch, 3, [0.5, 0.6, 0.7, 0.8, 0.96, 0.89, 0.75, 0.6])
+    config = mx.load_moses_config(
+        tiny_config(
+            tmp_path, epochs=10, pretrain_epochs=8, extra=ADAPTIVE + "\npretrain_lr_step_epochs = 2"
+        )
+    )
+    state = mx.run_experiment(config, tmp_path / "run", progress=False, log=lambda _: None)
+    assert state["ramp_begin"] == 4
+    want = [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4] + [1.25e-4] * (len(state["epochs"]) - 5)
+    assert [r["lr"] for r in state["epochs"]] == pytest.approx(want)
+    with pytest.raises(ValueError, match="pretrain_lr_step_epochs"):
+        mx.MosesProtocol(pretrain_lr_step_epochs=0)
+
+
 def test_the_fixed_beta_phase_ends_at_pretrain_epochs_if_the_target_is_never_reached(
     tmp_path, monkeypatch
 ):

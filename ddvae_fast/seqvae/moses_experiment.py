@@ -34,6 +34,8 @@ the paper's text is silent:
 - The learning rate is multiplied by ``lr_gamma`` once, when the beta ramp begins
   (their MultiStepLR at epoch 20 = the KL ramp's start; the paper: "we halved
   the learning rate after pretraining"); TrainConfig.lr_step_epochs is unused.
+  ``pretrain_lr_step_epochs`` (not the paper's; the small configs use it) also
+  multiplies it by ``lr_gamma`` every that many epochs of the fixed-beta phase.
 - beta is ``beta_start`` up to and including the ramp's first epoch B, then
   ``beta_start + (beta_end - beta_start) (e - B) / beta_ramp_epochs`` (their
   LinearGrowth); tau goes log-linearly from tau_start at epoch 0 to tau_end at
@@ -122,6 +124,8 @@ class MosesProtocol:
     thresholds: tuple = (0.9, 0.8, 0.7)
     pretrain_target: float | None = None  # start the ramp once reconstruction >= this
     pretrain_epochs: int = 20  # ramp start when no target is set, else the latest start
+    # lr * lr_gamma every this many epochs of the fixed-beta phase; None: constant (the paper's)
+    pretrain_lr_step_epochs: int | None = None
     beta_ramp_epochs: int = 180
     tau_ramp_epochs: int = 10
     evaluate_pretrained: bool = True  # also score samples at the ramp's start
@@ -137,6 +141,11 @@ class MosesProtocol:
         for name in ("reconstruction_size", "n_samples", "beta_ramp_epochs", "pretrain_epochs"):
             if check_int(getattr(self, name), name) < 1:
                 raise ValueError(f"{name} must be a positive int, got {getattr(self, name)!r}")
+        step = self.pretrain_lr_step_epochs
+        if step is not None and check_int(step, "pretrain_lr_step_epochs") < 1:
+            raise ValueError(
+                f"pretrain_lr_step_epochs must be a positive int or absent, got {step}"
+            )
         if check_int(self.tau_ramp_epochs, "tau_ramp_epochs") < 0:
             raise ValueError(f"tau_ramp_epochs must be >= 0, got {self.tau_ramp_epochs}")
         if self.reconstruction_z not in ("sample", "mu"):
@@ -382,8 +391,12 @@ class MosesTrainer(Trainer):
 
     def lr(self, epoch: int) -> float:
         tc = self.config.train
-        ramping = self.ramp_begin is not None and epoch >= self.ramp_begin
-        return tc.lr * tc.lr_gamma if ramping else tc.lr
+        step = self._protocol().pretrain_lr_step_epochs
+        if self.ramp_begin is not None and epoch >= self.ramp_begin:
+            # One halving more than epoch ramp_begin had (it trained before the
+            # ramp was decided, at the fixed-beta rate).
+            return tc.lr * tc.lr_gamma ** ((self.ramp_begin // step if step else 0) + 1)
+        return tc.lr * tc.lr_gamma ** (epoch // step if step else 0)
 
 
 @torch.no_grad()
