@@ -536,17 +536,23 @@ DDF_INLINE void logit_row(const S* row, S* grad_row, int64_t V, int64_t t, const
   const int64_t nfull = V / W;
   const int rem = int(V % W);
   // nll: the row max first (a cheap pass of loads and max)
+  // (and whether the row holds a NaN, which the max skips: logsumexp is NaN then)
   T row_max = 0;
+  bool has_nan = false;
   if (NLL) {
     vec m_lane = splat<vec>(-std::numeric_limits<T>::infinity());
+    mask nan_count{};
     for (int64_t ci = 0; ci < nfull; ++ci) {
       const vec l = load_as<T>(row + ci * W);
       m_lane = l > m_lane ? l : m_lane;
+      nan_count -= l != l;
     }
     row_max = hmax<T>(m_lane);
+    has_nan = hsum_int<T>(nan_count) != 0;
     for (int64_t i = nfull * W; i < V; ++i) {
       const T x = ddf::to_float(row[i]);
       row_max = x > row_max ? x : row_max;
+      has_nan |= x != x;
     }
   }
   // +-inf max: shift by 0 (those sums are unused: logsumexp is the max then)
@@ -589,9 +595,16 @@ DDF_INLINE void logit_row(const S* row, S* grad_row, int64_t V, int64_t t, const
     // softmax_t - 1 = expm1(l_t - lse), accurate also when softmax_t ~ 1
     if (NLLGRAD) gt += k.scale * k.nw * std::expm1(double(lt) - lse);
     grad_row[t] = ddf::to_storage_as<S>(gt);
+    // As in the reference, a NaN logit (it makes gt NaN) or, with the nll
+    // gradient, a +inf one (softmax(l) is then NaN: inf - inf) makes every
+    // entry of the row's gradient NaN; the loop above wrote finite values for
+    // the other entries. Checked once per row, after it.
+    if (std::isnan(gt) || (NLLGRAD && row_max == std::numeric_limits<T>::infinity()))
+      std::fill(grad_row, grad_row + V,
+                ddf::to_storage_as<S>(std::numeric_limits<double>::quiet_NaN()));
   }
   *loss_out = T(hsum_wide<T>(acc.sp_acc));
-  *nll_out = NLL && k.write_nll ? T(lse - double(lt)) : T(0);
+  *nll_out = NLL && k.write_nll ? (has_nan ? T(NAN) : T(lse - double(lt))) : T(0);
   *correct_out = hsum_int<T>(acc.not_below) == 1;
 }
 
@@ -632,15 +645,17 @@ DDF_INLINE void prob_row(const S* row, S* grad_row, int64_t V, int64_t t, const 
   }
   const vec ltv = splat<vec>(lt);
   vec m_lane = splat<vec>(-std::numeric_limits<T>::infinity());
-  mask not_below{};
+  mask not_below{}, nan_count{};
   for (int64_t ci = 0; ci < nchunks; ++ci) {
     const vec l = ci < nfull ? load_as<T>(row + ci * W) : load<vec>(prob + ci * W);
     m_lane = l > m_lane ? l : m_lane;
+    nan_count -= l != l;  // the max skips NaNs; logsumexp is NaN with one
     mask nb = ~(ltv > l);
     if (ci == nfull) nb &= lanes_below<T>(rem);
     not_below -= nb;
   }
   const T m = hmax<T>(m_lane);
+  const bool has_nan = hsum_int<T>(nan_count) != 0;
 
   // pass 2: u = exp(l - m) into the scratch, S = sum u
   const vec mv = splat<vec>(m);
@@ -714,7 +729,9 @@ DDF_INLINE void prob_row(const S* row, S* grad_row, int64_t V, int64_t t, const 
         ddf::to_storage_as<S>(k.scale * (k.aw * double(pt) * (g_t - dot) + nw * pt_minus_one));
   }
   *loss_out = T(hsum_wide<T>(sp_acc));
-  *nll_out = NLL && k.write_nll ? T(double(m) + std::log(s_sum) - double(lt)) : T(0);
+  // logsumexp(l) is the max when that is infinite (s_sum is NaN then), as torch.logsumexp
+  const double lse = std::isfinite(m) ? double(m) + std::log(s_sum) : double(m);
+  *nll_out = NLL && k.write_nll ? (has_nan ? T(NAN) : T(lse - double(lt))) : T(0);
   *correct_out = hsum_int<T>(not_below) == 1;
 }
 
@@ -740,12 +757,23 @@ DDF_INLINE void rows_impl(const Call& a, int64_t lo, int64_t hi, int thread) {
     const S* row = logits + n * a.row_stride;
     S* grad_row = GRAD ? grad + n * V : nullptr;
     const int64_t t = target[n];
-    if (t == a.ignore_index || (V == 1 && t == 0)) {
-      // ignored row, or V == 1: the target is the unique max unless it is NaN
+    if (t == a.ignore_index) {
       loss[n] = 0;
       nll[n] = 0;
-      correct[n] = t == a.ignore_index || !std::isnan(ddf::to_float(row[0]));
+      correct[n] = 1;
       if (GRAD) std::memset(grad_row, 0, sizeof(S) * V);
+      continue;
+    }
+    if (V == 1 && t == 0) {
+      // The only class is the unique max unless it is NaN. Every term is 0 for a
+      // finite logit; x - x carries a NaN or infinite one through as NaN where
+      // the reference's formulas do (logsumexp(l) - l_t, and softmax in prob mode).
+      const double x = ddf::to_float(row[0]);
+      const double d = x - x;
+      loss[n] = 0;
+      nll[n] = NLL ? T(d) : T(0);
+      correct[n] = !std::isnan(x);
+      if (GRAD) grad_row[0] = ddf::to_storage_as<S>((PROB || NLLGRAD) ? d : 0.0);
       continue;
     }
     if (t < 0 || t >= V) {

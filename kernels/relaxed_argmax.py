@@ -142,7 +142,12 @@ def _nll_and_softmax_terms(l_t, m, d_other):
     d = d_other + tl.exp(l_t - m)
     inv_d = 1.0 / d
     # When l_t is the max, nll = log1p(d_other): keeps confident rows accurate.
-    nll = tl.where(m == l_t, _log1p(d_other), (m - l_t) + tl.log(d))
+    # An infinite l_t that is the max gives NaN, as logsumexp(l) - l_t does in
+    # the reference (inf - inf), not the limit 0.
+    top = tl.where(l_t - l_t == 0.0, _log1p(d_other), float("nan"))
+    # A +inf rival: logsumexp(l) = inf (torch.logsumexp's value), d is NaN.
+    rest = tl.where(m == float("inf"), float("inf"), (m - l_t) + tl.log(d))
+    nll = tl.where(m == l_t, top, rest)
     p_t = tl.exp(l_t - m) * inv_d
     p_other = d_other * inv_d
     return nll, inv_d, p_t, p_other
@@ -262,6 +267,8 @@ def relaxed_argmax_logit_kernel(
                 grad += w_nll * (e * inv_d)
                 target_grad -= w_nll * p_other
             grad = tl.where(cols == t, target_grad, grad)
+            # A NaN logit makes the target's gradient NaN; the reference's whole row is.
+            grad = tl.where(target_grad != target_grad, float("nan"), grad)
             tl.store(grad_row + cols, grad.to(grad_ptr.dtype.element_ty), mask=mask)
     else:
         loss_acc = tl.zeros([BLOCK_V], dtype=tl.float32)
@@ -314,8 +321,17 @@ def relaxed_argmax_logit_kernel(
                     tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
             else:
                 tl.store(grad_row + t, target_grad.to(grad_ptr.dtype.element_ty), mask=t_ok)
+            if target_grad != target_grad:
+                # A NaN logit: the reference's whole gradient row is NaN (rare
+                # path: pass 1 already wrote finite values for the others).
+                nan_row = tl.full([BLOCK_V], float("nan"), grad_ptr.dtype.element_ty)
+                for start in range(0, V, BLOCK_V):
+                    offs = start + cols
+                    tl.store(grad_row + offs, nan_row, mask=offs < V)
 
-    nll = tl.where(need_nll, nll, 0.0)
+    # A NaN anywhere makes logsumexp(l) NaN (the GPU's max drops NaNs, and a +inf
+    # rival would otherwise give inf).
+    nll = tl.where(need_nll, tl.where((nan_others == 0) & (l_t == l_t), nll, float("nan")), 0.0)
     correct = _unique_max(l_t, max_other, nan_others, V)
     _store_row_outputs(argmax_ptr, nll_ptr, correct_ptr, row, t_ok, loss, nll, correct)
 
@@ -465,6 +481,8 @@ def relaxed_argmax_prob_kernel(
                 grad = tl.where(offs == t, target_grad, grad)
                 tl.store(grad_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=mask)
 
-    nll = tl.where(need_nll, nll, 0.0)
+    # A NaN anywhere makes logsumexp(l) NaN (the GPU's max drops NaNs, and a +inf
+    # rival would otherwise give inf).
+    nll = tl.where(need_nll, tl.where((nan_others == 0) & (l_t == l_t), nll, float("nan")), 0.0)
     correct = _unique_max(l_t, max_other, nan_others, V)
     _store_row_outputs(argmax_ptr, nll_ptr, correct_ptr, row, t_ok, loss, nll, correct)

@@ -11,6 +11,7 @@ behaviours the issues list.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 
@@ -26,6 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ddvae_fast as ddf
+from ddvae_fast.loss import api as _registers_the_ops  # noqa: F401
 from ddvae_fast.loss import reference
 
 HAS_CUDA = torch.cuda.is_available()
@@ -230,6 +232,47 @@ def test_a_row_with_a_nan_logit_is_never_correct(backend, device, dtype):
     out = ddf.decoder_loss(logits.to(device, dtype), target.to(device), 0.3, backend=backend)
     assert float(out.token_accuracy) == 0.25
     assert float(out.sequence_accuracy) == 0.0
+
+
+EDGE_VALUES = (math.nan, math.inf, -math.inf, 1.0, -2.0)
+
+
+def _every_edge_row(num_classes):
+    """Every row of EDGE_VALUES of this width, once per target: (logits, target)."""
+    rows = list(itertools.product(EDGE_VALUES, repeat=num_classes))
+    logits = torch.tensor([row for row in rows for _ in range(num_classes)])
+    return logits, torch.arange(num_classes).repeat(len(rows))
+
+
+@pytest.mark.parametrize("backend, device, dtype", EDGE_CASES[1:])
+@pytest.mark.parametrize("num_classes", [1, 2, 3])
+@pytest.mark.parametrize("prob_mode", [False, True], ids=["logit", "prob"])
+def test_every_non_finite_row_gives_the_references_values(
+    backend, device, dtype, num_classes, prob_mode
+):
+    # All 3 * 5**V rows of NaN, +-inf and finite logits for V = 1, 2, 3 and
+    # every target, with and without the nll term: the argmax and nll rows,
+    # correct rows and the gradient equal the reference's, NaN exactly where
+    # it has NaN and +-inf where it has +-inf (docs/loss_backend_contract.md).
+    # Tolerance: these rows are fp32 sums of at most 3 terms, a few ulps apart.
+    logits, target = _every_edge_row(num_classes)
+    op = torch.ops.ddvae_fast.relaxed_argmax
+    names = ("loss", "argmax", "nll", "correct_rows", "count", "grad")
+    for nll_weight, need_nll in ((0.0, False), (0.0, True), (1.0, True), (0.5, False)):
+        args = (0.1, prob_mode, -100, 1.0, nll_weight, "none", True, need_nll)
+        want = op(logits, target, *args, "reference")
+        got = op(logits.to(device, dtype), target.to(device), *args, backend)
+        for name, w, g in zip(names, want, got):
+            torch.testing.assert_close(
+                g.cpu(),
+                w,
+                equal_nan=True,
+                rtol=1e-5,
+                atol=1e-5,
+                msg=lambda m, name=name, nw=nll_weight, nn=need_nll: (
+                    f"{name} (nll_weight {nw}, need_nll {nn}): {m}"
+                ),
+            )
 
 
 def test_ignore_index_out_of_int64_is_a_clear_value_error():
