@@ -143,6 +143,19 @@ def main(argv=None) -> int:
         "machine": {"platform": platform.platform(), "cores": os.cpu_count()},
         "runs": states,
         "verdicts": verdicts(rows),
+        "columns": [
+            "level",
+            "model",
+            "epoch",
+            "reconstruction at evaluation",
+            "FCD/Test",
+            "FCD/Test paper",
+            "SNN/Test",
+            "SNN/Test paper",
+            "valid",
+            "unique@10000",
+            "Novelty",
+        ],
         "rows": rows,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -128,12 +128,31 @@ def _synthetic_seeds(data):
     ]
 
 
+def _moses_runs(data):
+    return [
+        {
+            "model": family,
+            "epochs": r["epochs"],
+            "best reconstruction before the ramp": r["best_reconstruction_before_ramp"],
+            "ramp began after epoch": (r["ramp_begin_epoch_index"] or 0) + 1,
+            "train s": r["train_seconds"],
+            "reconstruction checks s": r["measure_seconds"],
+            "evaluations s": r["eval_seconds"],
+            "total min": round(
+                (r["train_seconds"] + r["measure_seconds"] + r["eval_seconds"]) / 60, 1
+            ),
+        }
+        for family, r in data["runs"].items()
+    ]
+
+
 # Tables rendered from another table's results file: name -> file name.
-SOURCES = {"cpu_loss_bandwidth": "cpu_loss_in_loop"}
+SOURCES = {"cpu_loss_bandwidth": "cpu_loss_in_loop", "moses_small_runs": "moses_small"}
 # Results files whose layout is not a plain list of rows: name -> rows.
 VIEWS = {
     "cpu_loss_in_loop": _loss_in_loop,
     "cpu_loss_bandwidth": _loss_bandwidth,
+    "moses_small_runs": _moses_runs,
     "cpu_linear_loss": _linear_loss,
     "cpu_sampler_rsample": _sampler_rsample,
     "aot_sm80": _aot,
@@ -146,7 +165,9 @@ def render(name: str) -> str:
     path = RESULTS / f"{SOURCES.get(name, name)}.json"
     data = json.loads(path.read_text())
     rows = VIEWS[name](data) if name in VIEWS else data["rows"]
-    columns = (data.get("columns") or list(rows[0])) if rows else []
+    columns = (
+        (data.get("columns") if name not in SOURCES else None) or list(rows[0]) if rows else []
+    )
     machine = data.get("machine", "unknown machine")
     if isinstance(machine, dict):
         machine = ", ".join(f"{v}" if k == "cpu" else f"{k} {v}" for k, v in machine.items())

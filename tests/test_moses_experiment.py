@@ -281,6 +281,18 @@ def test_pretrain_lr_steps_then_one_more_halving_at_the_ramp(tmp_path, monkeypat
     assert [r["lr"] for r in state["epochs"]] == pytest.approx(want)
     with pytest.raises(ValueError, match="pretrain_lr_step_epochs"):
         mx.MosesProtocol(pretrain_lr_step_epochs=0)
+    for bad in (0.0, -1e-3, math.nan, "1e-3"):
+        with pytest.raises((ValueError, TypeError), match="ramp_lr"):
+            mx.MosesProtocol(ramp_lr=bad)
+
+
+def test_ramp_lr_sets_the_ramps_rate(tmp_path, monkeypatch):
+    Scripted(monkeypatch, 3, [0.5, 0.6, 0.7, 0.8, 0.96, 0.89, 0.75, 0.6])
+    extra = ADAPTIVE + "\npretrain_lr_step_epochs = 2\nramp_lr = 3e-4"
+    config = mx.load_moses_config(tiny_config(tmp_path, epochs=10, pretrain_epochs=8, extra=extra))
+    state = mx.run_experiment(config, tmp_path / "run", progress=False, log=lambda _: None)
+    want = [1e-3, 1e-3, 5e-4, 5e-4, 2.5e-4] + [3e-4] * (len(state["epochs"]) - 5)
+    assert [r["lr"] for r in state["epochs"]] == pytest.approx(want)
 
 
 def test_the_fixed_beta_phase_ends_at_pretrain_epochs_if_the_target_is_never_reached(

@@ -35,7 +35,8 @@ the paper's text is silent:
   (their MultiStepLR at epoch 20 = the KL ramp's start; the paper: "we halved
   the learning rate after pretraining"); TrainConfig.lr_step_epochs is unused.
   ``pretrain_lr_step_epochs`` (not the paper's; the small configs use it) also
-  multiplies it by ``lr_gamma`` every that many epochs of the fixed-beta phase.
+  multiplies it by ``lr_gamma`` every that many epochs of the fixed-beta phase,
+  and ``ramp_lr`` (likewise) sets the ramp's rate outright.
 - beta is ``beta_start`` up to and including the ramp's first epoch B, then
   ``beta_start + (beta_end - beta_start) (e - B) / beta_ramp_epochs`` (their
   LinearGrowth); tau goes log-linearly from tau_start at epoch 0 to tau_end at
@@ -126,6 +127,8 @@ class MosesProtocol:
     pretrain_epochs: int = 20  # ramp start when no target is set, else the latest start
     # lr * lr_gamma every this many epochs of the fixed-beta phase; None: constant (the paper's)
     pretrain_lr_step_epochs: int | None = None
+    # lr during the ramp; None: one halving (lr_gamma) below the fixed-beta phase's last rate
+    ramp_lr: float | None = None
     beta_ramp_epochs: int = 180
     tau_ramp_epochs: int = 10
     evaluate_pretrained: bool = True  # also score samples at the ramp's start
@@ -146,6 +149,8 @@ class MosesProtocol:
             raise ValueError(
                 f"pretrain_lr_step_epochs must be a positive int or absent, got {step}"
             )
+        if self.ramp_lr is not None and not check_finite_real(self.ramp_lr, "ramp_lr") > 0:
+            raise ValueError(f"ramp_lr must be a number > 0 or absent, got {self.ramp_lr!r}")
         if check_int(self.tau_ramp_epochs, "tau_ramp_epochs") < 0:
             raise ValueError(f"tau_ramp_epochs must be >= 0, got {self.tau_ramp_epochs}")
         if self.reconstruction_z not in ("sample", "mu"):
@@ -393,6 +398,8 @@ class MosesTrainer(Trainer):
         tc = self.config.train
         step = self._protocol().pretrain_lr_step_epochs
         if self.ramp_begin is not None and epoch >= self.ramp_begin:
+            if self._protocol().ramp_lr is not None:
+                return self._protocol().ramp_lr
             # One halving more than epoch ramp_begin had (it trained before the
             # ramp was decided, at the fixed-beta rate).
             return tc.lr * tc.lr_gamma ** ((self.ramp_begin // step if step else 0) + 1)
