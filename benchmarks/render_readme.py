@@ -83,20 +83,29 @@ def _sampler_rsample(data):
 
 
 def _loss_bandwidth(data):
-    return [
-        {
-            "(N, V)": shape.replace("x", " x "),
-            "bandwidth limit (ms)": b["bandwidth_limit_ms"],
-            "fresh gradient, huge pages (ms)": b["kernel_fresh_grad_ms"],
-            "fresh gradient, torch.empty (ms)": b.get("kernel_torch_empty_grad_ms"),
-            "reused gradient (ms)": b["kernel_reused_grad_ms"],
-            "huge pages / limit": b["fresh_over_limit"],
-            "torch.empty / limit": b.get("torch_empty_over_limit"),
-            "reused / limit": b["reused_over_limit"],
-        }
-        for shape, r in data["shapes"].items()
-        if (b := r.get("bandwidth"))
-    ]
+    rows = []
+    for shape, r in data["shapes"].items():
+        b = r.get("bandwidth")
+        if not b:
+            continue
+        # Files written before ddvae_fast/_memory.py have no torch.empty column:
+        # their "fresh" gradient was a torch.empty one.
+        huge = "kernel_torch_empty_grad_ms" in b
+        rows.append(
+            {
+                "(N, V)": shape.replace("x", " x "),
+                "bandwidth limit (ms)": b["bandwidth_limit_ms"],
+                "fresh gradient, huge pages (ms)": b["kernel_fresh_grad_ms"] if huge else None,
+                "fresh gradient, torch.empty (ms)": b.get(
+                    "kernel_torch_empty_grad_ms", b["kernel_fresh_grad_ms"]
+                ),
+                "reused gradient (ms)": b["kernel_reused_grad_ms"],
+                "huge pages / limit": b["fresh_over_limit"] if huge else None,
+                "torch.empty / limit": b.get("torch_empty_over_limit", b["fresh_over_limit"]),
+                "reused / limit": b["reused_over_limit"],
+            }
+        )
+    return rows
 
 
 def _aot(data):
@@ -147,11 +156,17 @@ def _moses_runs(data):
 
 
 # Tables rendered from another table's results file: name -> file name.
-SOURCES = {"cpu_loss_bandwidth": "cpu_loss_in_loop", "moses_small_runs": "moses_small"}
+SOURCES = {
+    "cpu_loss_bandwidth": "cpu_loss_in_loop",
+    "cpu_loss_bandwidth_xeon": "cpu_loss_in_loop_xeon",
+    "moses_small_runs": "moses_small",
+}
 # Results files whose layout is not a plain list of rows: name -> rows.
 VIEWS = {
     "cpu_loss_in_loop": _loss_in_loop,
     "cpu_loss_bandwidth": _loss_bandwidth,
+    "cpu_loss_in_loop_xeon": _loss_in_loop,
+    "cpu_loss_bandwidth_xeon": _loss_bandwidth,
     "moses_small_runs": _moses_runs,
     "cpu_linear_loss": _linear_loss,
     "cpu_sampler_rsample": _sampler_rsample,
