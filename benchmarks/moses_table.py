@@ -111,6 +111,7 @@ def main(argv=None) -> int:
     parser.add_argument("--vae", type=Path, default=ROOT / "runs" / "moses-vae-small")
     parser.add_argument("--out", type=Path, default=OUT)
     parser.add_argument("--figure", type=Path, default=FIGURE)
+    parser.add_argument("--curves", type=Path, default=CURVES)
     args = parser.parse_args(argv)
     curves = {"DD-VAE": read_curve(args.ddvae), "VAE": read_curve(args.vae)}
     for family, (label, _) in curves.items():
@@ -124,9 +125,6 @@ def main(argv=None) -> int:
         states[family] = {
             "epochs": len(epochs),
             "ramp_begin_epoch_index": state.get("ramp_begin"),
-            "reconstruction_at_ramp_begin": next(
-                (e["reconstruction"] for e in epochs if e.get("phase") != "fixed beta"), None
-            ),
             "best_reconstruction_before_ramp": max(
                 (e["reconstruction"] for e in epochs if e.get("phase") == "fixed beta"),
                 default=None,
@@ -160,14 +158,14 @@ def main(argv=None) -> int:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(record, indent=2) + "\n")
-    with CURVES.open("w", newline="") as handle:
+    with args.curves.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(CURVE_COLUMNS), extrasaction="ignore")
         writer.writeheader()
         for _, curve_rows in curves.values():
             writer.writerows(curve_rows)
     args.figure.parent.mkdir(parents=True, exist_ok=True)
     plot_figure7(list(curves.values()), args.figure)
-    print(json.dumps(record["verdicts"]), "\nwrote", args.out, CURVES, "and", args.figure)
+    print(json.dumps(record["verdicts"]), "\nwrote", args.out, args.curves, "and", args.figure)
     return 0
 
 
