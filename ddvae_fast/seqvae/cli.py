@@ -493,7 +493,13 @@ def train_command(args) -> int:
     timeout = distributed.DEFAULT_TIMEOUT_S if args.dist_timeout is None else args.dist_timeout
     distributed.init_process_group(world, device, timeout)
     try:
-        return _train(args, started, device=device, world=world)
+        code = _train(args, started, device=device, world=world)
+        # The ranks tear the process group down together: the other ranks return
+        # right after training while rank 0 evaluates and writes, and a rank that
+        # left early now and then aborted at exit ("terminate called without an
+        # active exception", tests/test_distributed.py).
+        torch.distributed.barrier()
+        return code
     except (ValueError, OSError, ImportError) as exc:
         # Reported by main() as one line per process: say which process.
         raise UsageError(f"rank {world.rank}/{world.world_size}: {exc}") from None
