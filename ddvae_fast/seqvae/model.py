@@ -28,6 +28,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .._checks import check_finite_real
 from ..decoding import UNDEFINED_TOKEN, deterministic_argmax
 from ..distributions import KERNELS, PRIORS, PROPOSALS, kl_divergence, uniform_prior_transform
 from ..loss import decoder_loss
@@ -85,14 +86,10 @@ class ModelConfig:
             raise ValueError(
                 f"initial_log_sigma must be a finite number, got {self.initial_log_sigma!r}"
             )
-        scale = self.transform_input_scale
-        if (
-            not isinstance(scale, (int, float))
-            or isinstance(scale, bool)
-            or not math.isfinite(scale)
-            or scale <= 0
-        ):
-            raise ValueError(f"transform_input_scale must be a number > 0, got {scale!r}")
+        if not check_finite_real(self.transform_input_scale, "transform_input_scale") > 0:
+            raise ValueError(
+                f"transform_input_scale must be a number > 0, got {self.transform_input_scale!r}"
+            )
         if self.score not in ("logit", "prob"):
             raise ValueError(f"score must be 'logit' or 'prob', got {self.score!r}")
         if not isinstance(self.backend, str):
