@@ -1,45 +1,43 @@
 // What the C++ modules (csrc/relaxed_argmax.cpp, csrc/sampler.cpp) share: the
 // macro prefix (DDF_), instruction-set detection and dispatch, the
-// floating-point mode of a kernel, and the one threading model (WorkerPool).
+// floating-point mode of a kernel, and the one threading model (on_team).
 // The SIMD lane types live in csrc/simd.h, which is included once per
 // instruction set.
 //
-// Threading model: persistent helper threads, no OpenMP. A call cuts its work
-// into many small chunks (or the sampler's tiles) that threads claim from an
-// atomic counter; the calling thread works too and never waits for a helper
-// that has not started. Why (measured on the 2-core development box while ~6
-// other engineers' jobs ran on it, load average 8-15, so only ratios and
-// orders of magnitude mean anything):
-// - There was one OpenMP runtime in the process, not two: torch's
-//   libgomp.so.1 satisfies the extension's DT_NEEDED by soname
-//   (/proc/self/maps), so linking torch's runtime would change nothing.
-// - The OpenMP build of the loss at (65536, 64) fp32 took a median 157 ms
-//   alone, 65 ms after an eager GRU step, 131 ms after a torch.compile'd step
-//   with the default wait policy; 119 / 94 / 173 ms with OMP_WAIT_POLICY=ACTIVE,
-//   25 / 19 / 27 ms with PASSIVE, 47 / 47 / 51 ms with GOMP_SPINCOUNT=0: a
-//   parallel region ends in a barrier every team thread must reach, and on a
-//   busy box a spinning or sleeping team member waits for a scheduler slot.
-// - With this pool a helper that is not scheduled claims nothing and the
-//   caller finishes alone, so a call never costs more than one thread's work
-//   plus one chunk. Kernel alone, interleaved, load 15: OpenMP 41.9 ms alone /
-//   33.3 after an eager step / 41.4 on one thread; pool 37.8 / 38.1 / 39.1.
-//   In-loop figures: benchmarks/results/cpu_loss_in_loop.json.
-// Both modules use this one pool implementation (one instance per module).
+// Threading model: torch's own OpenMP team. The modules are built with
+// -fopenmp, and their DT_NEEDED libgomp.so.1 is satisfied by the copy torch
+// has already loaded (torch/lib/libgomp.so.1, same soname; ddvae_fast.backends
+// imports torch first), so a parallel region here runs on the same threads as
+// torch's own ops. Why: after a torch op those threads spin-wait for the
+// next region, holding the cores. A separate pool of ours (the design before
+// this one) then got no core for its helper: at (65536, 64) fp32 on the
+// 2-core VM the loss kernel took 1.9 ms on two threads alone, 3.7 ms right
+// after a torch op (the same as on one thread), while on torch's team it
+// takes 1.9 ms in both cases (benchmarks/results/cpu_loss_in_loop.json).
+// Work is cut into many small chunks (or the sampler's tiles) claimed from an
+// atomic counter, so a team thread that starts late only claims less. The
+// cost: a region ends in a barrier, so on an oversubscribed machine the caller
+// waits for a descheduled team thread, as torch's own ops do (with two
+// busy-looping processes on the 2 cores: 8.0 ms alone / 14.8 ms after a torch
+// op on the team, 7.0 / 11.2 ms on the separate pool; torch's GRU step there
+// took 7x its quiet time).
+// Without OpenMP (a compiler without it) the work runs on the calling thread.
 
 #pragma once
 
 #include <unistd.h>
 
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
 #include <algorithm>
 #include <atomic>
-#include <condition_variable>
 #include <cstdint>
 #include <cstring>
 #include <memory>
-#include <mutex>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -184,119 +182,33 @@ inline void cpu_pause() {
 
 // ------------------------------------------------------------------ threading
 
-// Work shared by the calling thread and up to n helpers. work() claims and
-// finishes pieces until none is left to claim; complete() is true once every
-// piece is finished (a helper does not start its next job before its previous
-// one is complete: the sampler's parked tiles live in the helper's storage).
-class Job {
- public:
-  virtual ~Job() = default;
-  virtual void work() = 0;
-  virtual bool complete() const = 0;
-};
-
-// Persistent helper threads. offer() hands a job to up to n idle helpers and
-// returns at once; the caller works on the job itself.
-class WorkerPool {
- public:
-  static WorkerPool& instance() {
-    static std::mutex creation;
-    static WorkerPool* pool = nullptr;
-    std::lock_guard<std::mutex> lock(creation);
-    // After fork() the child has none of the parent's threads (and maybe a
-    // locked mutex): start over with a new pool; the old one is left behind.
-    if (pool == nullptr || pool->pid_ != getpid()) pool = new WorkerPool();  // never destroyed
-    return *pool;
-  }
-
-  void offer(const std::shared_ptr<Job>& job, int helpers) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    while (static_cast<int>(threads_started_) < helpers) {
-      std::thread(&WorkerPool::loop, this).detach();
-      ++threads_started_;
-    }
-    job_ = job;
-    wanted_ = helpers;
-    ++generation_;
-    wake_.notify_all();
-  }
-
- private:
-  WorkerPool() : pid_(getpid()) {}
-
-  void loop() {
-    uint64_t seen = 0;
-    std::shared_ptr<Job> previous;
-    for (;;) {
-      std::shared_ptr<Job> job;
-      {
-        std::unique_lock<std::mutex> lock(mutex_);
-        wake_.wait(lock, [&] { return generation_ != seen && wanted_ > 0; });
-        seen = generation_;
-        --wanted_;
-        job = job_;
-      }
-      while (previous && !previous->complete()) std::this_thread::yield();
-      job->work();
-      previous = std::move(job);
-    }
-  }
-
-  const pid_t pid_;
-  std::mutex mutex_;
-  std::condition_variable wake_;
-  std::shared_ptr<Job> job_;
-  uint64_t generation_ = 0;
-  int wanted_ = 0;
-  size_t threads_started_ = 0;
-};
-
-// fn(chunk, slot) for chunk in [0, n_chunks), on up to `threads` threads; slot
-// in [0, threads) is unique among the threads running at once (per-thread
-// scratch). A helper that is not scheduled never claims a chunk, so the caller
-// then does the work alone; it waits only for chunks already claimed, which
-// are kept small for that reason.
+// fn(slot) on up to `threads` threads of the caller's OpenMP team (the
+// calling thread included); slot in [0, threads) is unique per thread. fn
+// must not throw (an exception cannot leave a parallel region).
 template <class Fn>
-class ChunkJob final : public Job {
- public:
-  ChunkJob(int64_t n_chunks, const Fn& fn) : n_chunks_(n_chunks), fn_(fn) {}
-
-  void work() override {
-    const int slot = next_slot_.fetch_add(1, std::memory_order_relaxed);
-    for (int64_t c = next_.fetch_add(1); c < n_chunks_; c = next_.fetch_add(1)) {
-      fn_(c, slot);
-      done_.fetch_add(1, std::memory_order_release);
-    }
+void on_team(int threads, const Fn& fn) {
+#ifdef _OPENMP
+  if (threads > 1) {
+#pragma omp parallel num_threads(threads)
+    fn(omp_get_thread_num());
+    return;
   }
+#endif
+  (void)threads;
+  fn(0);
+}
 
-  bool complete() const override { return done_.load(std::memory_order_acquire) == n_chunks_; }
-
- private:
-  const int64_t n_chunks_;
-  const Fn& fn_;  // used only while chunks are left, i.e. before run_chunks returns
-  std::atomic<int64_t> next_{0};
-  std::atomic<int64_t> done_{0};
-  std::atomic<int> next_slot_{0};
-};
-
+// fn(chunk, slot) for chunk in [0, n_chunks), on up to `threads` threads;
+// slot is unique among the threads running at once (per-thread scratch).
 template <class Fn>
 void run_chunks(int64_t n_chunks, int threads, const Fn& fn) {
   threads = int(std::max<int64_t>(1, std::min<int64_t>(threads, n_chunks)));
-  if (threads == 1) {
-    for (int64_t c = 0; c < n_chunks; ++c) fn(c, 0);
-    return;
-  }
-  auto job = std::make_shared<ChunkJob<Fn>>(n_chunks, fn);
-  WorkerPool::instance().offer(job, threads - 1);
-  job->work();
-  // Only chunks already claimed by a helper remain: spin briefly, then yield
-  // (a helper descheduled mid-chunk needs the CPU back).
-  for (int spin = 0; !job->complete(); ++spin) {
-    if (spin < 4000)
-      cpu_pause();
-    else
-      std::this_thread::yield();
-  }
+  std::atomic<int64_t> next{0};
+  on_team(threads, [&](int slot) {
+    for (int64_t c = next.fetch_add(1, std::memory_order_relaxed); c < n_chunks;
+         c = next.fetch_add(1, std::memory_order_relaxed))
+      fn(c, slot);
+  });
 }
 
 }  // namespace ddf

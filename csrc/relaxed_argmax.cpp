@@ -14,8 +14,8 @@
 // Design
 // - No torch headers: Python hands over data_ptr()s, sizes and the row stride
 //   (all int64, so N*V >= 2^31 is fine). The GIL is released around the compute.
-// - Threads: rows are cut into chunks of ~64K elements that the caller and the
-//   helpers of ddf::WorkerPool claim (csrc/common.h says why not OpenMP).
+// - Threads: rows are cut into chunks of ~64K elements that the threads of
+//   torch's OpenMP team claim (ddf::run_chunks; csrc/common.h says why).
 // - dtypes: float32, float64, and bfloat16 / float16 read as they are (no
 //   upcast copy) into fp32 lanes; sums in fp32 lanes flushed to fp64 as for
 //   float32; the gradient is written in the logits dtype, rows in fp32 (fp64

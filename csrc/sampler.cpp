@@ -824,11 +824,12 @@ inline bool place(const float* src, int64_t start, int64_t count, float* out, in
 // recomputes that tile itself (Philox is counter-based, so the result is the
 // same) and places it; the owner later finds its tile placed and drops its copy.
 //
-// The calling thread works on the job and never waits for a helper thread that
-// has not started or is descheduled: when no tile is left to claim it
-// recomputes any tile still unplaced, and waits only for copies already under
-// way. Helpers are the persistent threads of ddf::WorkerPool (csrc/common.h,
-// which says why not OpenMP).
+// The threads are the caller's OpenMP team (ddf::on_team, csrc/common.h says
+// why). A team thread that starts late finds no tile left and leaves; after
+// the region the calling thread places the tiles still parked, recomputing
+// any not yet placed, and waits only for copies already under way. The parked
+// tiles stay valid until then: a team thread's arena is reused only by its
+// next region, which starts after this refill returns.
 constexpr int64_t kTileCapacity = kTileBlocks * kMaxDrawsPerBlock + kSimdSlack;
 constexpr int64_t kParkSlots = 16;
 
@@ -847,7 +848,7 @@ ThreadArena& thread_arena() {
   return arena;
 }
 
-class TileJob final : public ddf::Job {
+class TileJob final {
  public:
   // park_all (a test hook, DDF_TEST_HOOKS builds only) parks every tile it can
   // and never waits: the parking and recomputing paths then run deterministically.
@@ -871,7 +872,7 @@ class TileJob final : public ddf::Job {
 
   // Claim and finish tiles until none is left to claim. The arena's parked
   // tiles must stay untouched until this job is complete().
-  void work() override {
+  void work() {
     ThreadArena& arena = thread_arena();
     int64_t slots_used = 0;
     for (int64_t tile = next_claim_.fetch_add(1); tile < n_tiles_;
@@ -891,9 +892,6 @@ class TileJob final : public ddf::Job {
     while (copies_in_flight_.load(std::memory_order_acquire) != 0) ddf::cpu_pause();
   }
 
-  bool complete() const override {
-    return all_placed() && copies_in_flight_.load(std::memory_order_acquire) == 0;
-  }
   int64_t placed() const { return end_; }
   bool bad_sigma() const { return bad_sigma_.load(std::memory_order_relaxed); }
   int64_t n_tiles() const { return n_tiles_; }
@@ -1051,19 +1049,17 @@ int64_t refill(const std::string& method, const std::string& kernel, uint64_t se
   if (block_offset + static_cast<uint64_t>(n_blocks) < block_offset)
     throw std::overflow_error("Philox block counter would wrap around 2^64");
   const Keys keys = make_keys(static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-  auto job = std::make_shared<TileJob>(plan.fn, block_offset, n_blocks, keys,
-                                       reinterpret_cast<float*>(out_ptr), need,
-                                       reinterpret_cast<float*>(buffer_ptr), affine, park_all);
+  TileJob job(plan.fn, block_offset, n_blocks, keys, reinterpret_cast<float*>(out_ptr), need,
+              reinterpret_cast<float*>(buffer_ptr), affine, park_all);
   // Small refills stay on the calling thread: waking a helper costs more than it saves.
   const int64_t useful = n_blocks / kMinBlocksPerThread;
   const int threads = static_cast<int>(
-      std::max<int64_t>(1, std::min<int64_t>({num_threads, useful, job->n_tiles()})));
+      std::max<int64_t>(1, std::min<int64_t>({num_threads, useful, job.n_tiles()})));
   py::gil_scoped_release release;
-  if (threads > 1) ddf::WorkerPool::instance().offer(job, threads - 1);
-  job->work();
-  job->complete_from_caller();
-  if (job->bad_sigma()) throw std::invalid_argument(kBadSigma);
-  return job->placed();
+  ddf::on_team(threads, [&](int) { job.work(); });
+  job.complete_from_caller();
+  if (job.bad_sigma()) throw std::invalid_argument(kBadSigma);
+  return job.placed();
 }
 
 // z = fma(sigma, eps, mu) for n draws already made (those an rsample takes from
