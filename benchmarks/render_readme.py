@@ -88,20 +88,24 @@ def _loss_bandwidth(data):
         b = r.get("bandwidth")
         if not b:
             continue
-        # Files written before ddvae_fast/_memory.py have no torch.empty column:
-        # their "fresh" gradient was a torch.empty one.
-        huge = "kernel_torch_empty_grad_ms" in b
+        # Older files: "fresh" was the loss's gradient (huge pages from 32 MiB,
+        # or torch.empty in files without a torch.empty column).
+        old = "kernel_loss_grad_ms" not in b
+        huge = old and "kernel_torch_empty_grad_ms" in b
+        loss = None if old else b["kernel_loss_grad_ms"]
+        fresh = b["kernel_fresh_grad_ms"] if huge else b.get("kernel_fresh_mapping_grad_ms")
+        empty = b.get("kernel_torch_empty_grad_ms", b.get("kernel_fresh_grad_ms"))
+        limit = b["bandwidth_limit_ms"]
         rows.append(
             {
                 "(N, V)": shape.replace("x", " x "),
-                "bandwidth limit (ms)": b["bandwidth_limit_ms"],
-                "fresh gradient, huge pages (ms)": b["kernel_fresh_grad_ms"] if huge else None,
-                "fresh gradient, torch.empty (ms)": b.get(
-                    "kernel_torch_empty_grad_ms", b["kernel_fresh_grad_ms"]
-                ),
-                "reused gradient (ms)": b["kernel_reused_grad_ms"],
-                "huge pages / limit": b["fresh_over_limit"] if huge else None,
-                "torch.empty / limit": b.get("torch_empty_over_limit", b["fresh_over_limit"]),
+                "bandwidth limit (ms)": limit,
+                "the loss's gradient, mapping cache (ms)": loss,
+                "fresh mapping (ms)": fresh,
+                "fresh torch.empty (ms)": empty,
+                "reused buffer (ms)": b["kernel_reused_grad_ms"],
+                "the loss's / limit": None if loss is None else round(loss / limit, 2),
+                "fresh mapping / limit": None if fresh is None else round(fresh / limit, 2),
                 "reused / limit": b["reused_over_limit"],
             }
         )
@@ -159,6 +163,7 @@ def _moses_runs(data):
 SOURCES = {
     "cpu_loss_bandwidth": "cpu_loss_in_loop",
     "cpu_loss_bandwidth_xeon": "cpu_loss_in_loop_xeon",
+    "cpu_loss_bandwidth_own_pool": "cpu_loss_in_loop_own_pool",
     "moses_small_runs": "moses_small",
 }
 # Results files whose layout is not a plain list of rows: name -> rows.
@@ -167,6 +172,8 @@ VIEWS = {
     "cpu_loss_bandwidth": _loss_bandwidth,
     "cpu_loss_in_loop_xeon": _loss_in_loop,
     "cpu_loss_bandwidth_xeon": _loss_bandwidth,
+    "cpu_loss_in_loop_own_pool": _loss_in_loop,
+    "cpu_loss_bandwidth_own_pool": _loss_bandwidth,
     "moses_small_runs": _moses_runs,
     "cpu_linear_loss": _linear_loss,
     "cpu_sampler_rsample": _sampler_rsample,

@@ -35,6 +35,7 @@ _LAZY = {
     "linear_decoder_loss": "loss.linear",
     "SequenceDDVAE": "seqvae.model",
     "Trainer": "seqvae.trainer",
+    "empty_cpu_cache": "_memory",
 }
 
 __all__ = [

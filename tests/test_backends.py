@@ -1,3 +1,9 @@
+import ast
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
@@ -72,3 +78,33 @@ def test_public_api_names_resolve():
         "gaussian",
     )
     assert ddf.PROPOSALS[:7] == ddf.KERNELS
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_cpp_modules_share_torchs_openmp_runtime():
+    # csrc/common.h: the C++ kernels run on torch's own OpenMP team. That holds
+    # only if the process has one libgomp, torch's; checked in a fresh process
+    # after both modules ran multi-threaded next to a torch op.
+    code = textwrap.dedent(
+        """
+        import torch
+        import ddvae_fast as ddf
+        from ddvae_fast.backends import cpp_module
+        torch.set_num_threads(2)
+        logits = torch.randn(4096, 64, requires_grad=True)
+        target = torch.randint(0, 64, (4096,))
+        ddf.relaxed_argmax_loss(logits, target, 0.1, backend="cpp").backward()
+        ddf.RejectionSampler("tricube", seed=0, backend="cpp").sample((300_000,))
+        torch.randn(1 << 20).add(1)
+        cpp_module("sampler")
+        paths = {line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line}
+        print(sorted(paths))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    paths = ast.literal_eval(out.strip().splitlines()[-1])
+    torch_lib = os.path.realpath(os.path.join(os.path.dirname(torch.__file__), "lib"))
+    assert len(paths) == 1, paths
+    assert os.path.dirname(os.path.realpath(paths[0])) == torch_lib, paths

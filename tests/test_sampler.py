@@ -265,7 +265,7 @@ def test_cpp_draws_do_not_depend_on_threads_or_placement_path(threads, park_all)
 def test_cpp_repeated_and_concurrent_refills_are_identical():
     # Races in the tile scheduling would show as differences between runs: repeat a
     # multi-threaded refill, and run refills from two Python threads at once (the
-    # module releases the GIL, so both share the helper threads).
+    # module releases the GIL; each thread runs its own OpenMP team).
     import threading
 
     expected = raw_refill("rejection", "cosine", 9, 0, 200_000, need=250_000, threads=1)

@@ -4,7 +4,7 @@ Each scenario runs in a subprocess, so a crash (the cpp backend once aborted
 with "double free or corruption") fails the test instead of the suite. Four
 threads call sample, rsample and state_dict on one shared sampler, with small
 calls served from the buffer and large ones that refill it (for cpp, large
-enough to run its helper threads). The subprocess logs, under the sampler's
+enough to run it on several OpenMP threads). The subprocess logs, under the sampler's
 lock, the order in which the calls were served, and saves every thread's draws.
 The test then asserts:
 
@@ -77,7 +77,7 @@ torch.save({"order": order, "results": results}, path)
 
 # Per backend: (threads, calls per thread as sizes). Small calls come from the
 # buffer, large ones refill it; cpp's 300k-draw calls (~1.3M candidates) run
-# its helper threads. Interpreted Triton stays at a few hundred draws.
+# on several OpenMP threads. Interpreted Triton stays at a few hundred draws.
 SIZES = {
     "reference": [[1, 37, 5000, 3, 60_000, 250, 7, 1]] * 4,
     "cpp": [[1, 37, 300_000, 5000, 3, 250, 120_000, 7]] * 4,
