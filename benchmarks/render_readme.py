@@ -135,6 +135,7 @@ def _synthetic_seeds(data):
             "JS": r["js"],
             "TV": r["tv"],
             "wall s": round(r["wall_seconds"]),
+            "threads": r.get("threads", 1),
             "goal met": r["meets_goal"],
         }
         for r in data["rows"]

@@ -1,7 +1,7 @@
 """The default run (`ddvae-fast train`) for several seeds: does its result depend on luck?
 
     .venv/bin/python benchmarks/synthetic_seeds.py                  seeds 0 1 2, one after another
-    .venv/bin/python benchmarks/synthetic_seeds.py --parallel       all seeds at once (1 thread each)
+    .venv/bin/python benchmarks/synthetic_seeds.py --parallel       all seeds at once (--threads 1 each)
     .venv/bin/python benchmarks/synthetic_seeds.py --config FILE    another recipe
 
 Each seed trains into runs/seeds/<config>-seed<N> (replacing an earlier run
@@ -9,11 +9,11 @@ there) through the command line, so the run is exactly what a user gets. The
 table (reconstruction from mu, sampled reconstruction, the authors' KL and JS,
 TV, wall and CPU seconds) is printed and written to
 benchmarks/results/synthetic_seeds.json (or --results). Goal (issue 8): 64/64
-reconstruction and JS <= 0.005 for every seed, in <= 5 minutes.
+reconstruction and JS <= 0.005 for every seed, in <= 5 minutes of wall time
+(one seed after another: each run has the machine to itself, with the CLI's
+default thread count, as a user runs it).
 
-CPU seconds (user + system of the training process) estimate the wall time on
-a quiet machine: on a shared box the wall time also counts the waits for a
-core. Not part of the test suite: each seed is a full default run.
+Not part of the test suite: each seed is a full default run.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 GOAL_JS = 0.005
+GOAL_SECONDS = 300
 
 
 def _cpu_model() -> str:
@@ -43,10 +44,13 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _command(seed: int, out: Path, config: str | None, extra: list[str]) -> list[str]:
+def _command(
+    seed: int, out: Path, config: str | None, extra: list[str], parallel: bool
+) -> list[str]:
     exe = [sys.executable, "-m", "ddvae_fast.seqvae.cli", "train"]
-    args = ["--seed", str(seed), "--out", str(out), "--overwrite", "--threads", "1"]
-    args += ["--no-progress"]
+    args = ["--seed", str(seed), "--out", str(out), "--overwrite", "--no-progress"]
+    if parallel:
+        args += ["--threads", "1"]
     if config is not None:
         args += ["--config", config]
     return exe + args + extra
@@ -67,9 +71,12 @@ def _row(seed: int, out: Path, wall: float, cpu: float, code: int) -> dict:
         js=m["prior_decoding_js"],
         tv=m["prior_decoding_tv"],
         train_seconds=m["train_seconds_this_run"],
+        threads=m.get("torch_threads"),
         out=str(out),
     )
-    row["meets_goal"] = row["reconstructed"] == row["strings"] and row["js"] <= GOAL_JS
+    row["meets_goal"] = (
+        row["reconstructed"] == row["strings"] and row["js"] <= GOAL_JS and wall <= GOAL_SECONDS
+    )
     return row
 
 
@@ -102,7 +109,7 @@ def main(argv=None) -> int:
 
     for seed in args.seeds:
         runs[seed].parent.mkdir(parents=True, exist_ok=True)
-        cmd = _command(seed, runs[seed], args.config, args.extra)
+        cmd = _command(seed, runs[seed], args.config, args.extra, args.parallel)
         # Closed in finish(): the child writes to it while other seeds start.
         logs[seed] = open(runs[seed].parent / f"{name}-seed{seed}.log", "w")  # noqa: SIM115
         started[seed] = time.perf_counter()
@@ -129,7 +136,9 @@ def main(argv=None) -> int:
     payload = {
         "benchmark": "synthetic_seeds",
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "train_command": " ".join(_command(0, Path("OUT"), args.config, args.extra)[2:]),
+        "train_command": " ".join(
+            _command(0, Path("OUT"), args.config, args.extra, args.parallel)[2:]
+        ),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
             "cpu": _cpu_model(),
@@ -139,8 +148,8 @@ def main(argv=None) -> int:
             "python": platform.python_version(),
         },
         "parallel": args.parallel,
-        "goal": {"reconstructed": "all 64", "js_at_most": GOAL_JS},
-        "note": "cpu_seconds = user + system time of the run: the wall time on a quiet core",
+        "goal": {"reconstructed": "all 64", "js_at_most": GOAL_JS, "wall_s_at_most": GOAL_SECONDS},
+        "note": "cpu_seconds = user + system time of the run (all its threads)",
         "rows": rows,
         "child_cpu_seconds_total": resource.getrusage(resource.RUSAGE_CHILDREN).ru_utime,
     }

@@ -9,23 +9,19 @@
 // has already loaded (torch/lib/libgomp.so.1, same soname; ddvae_fast.backends
 // imports torch first), so a parallel region here runs on the same threads as
 // torch's own ops. Why: after a torch op those threads spin-wait for the
-// next region, holding the cores. A separate pool of ours (the design before
-// this one) then got no core for its helper: at (65536, 64) fp32 on the
-// 2-core VM the loss kernel took 1.9 ms on two threads alone, 3.7 ms right
-// after a torch op (the same as on one thread), while on torch's team it
-// takes 1.9 ms in both cases (benchmarks/results/cpu_loss_in_loop.json).
+// next region, holding the cores, and the helper thread of a separate pool
+// (the design before this one) got no core: a 2-thread call ran at about
+// 1-thread speed. The loss at (65536, 64) fp32 after an eager GRU step on the
+// 2-core VM: 7.6 ms on the own pool with torch.empty gradients (benchmarks/
+// results/cpu_loss_in_loop_own_pool.json), 4.1 ms on torch's team with the
+// gradient cache of ddvae_fast/_memory.py (cpu_loss_in_loop.json).
 // Work is cut into many small chunks (or the sampler's tiles) claimed from an
 // atomic counter, so a team thread that starts late only claims less. The
 // cost: a region ends in a barrier, so on an oversubscribed machine the caller
-// waits for a descheduled team thread, as torch's own ops do (with two
-// busy-looping processes on the 2 cores: 8.0 ms alone / 14.8 ms after a torch
-// op on the team, 7.0 / 11.2 ms on the separate pool; torch's GRU step there
-// took 7x its quiet time).
+// waits for a descheduled team thread, as torch's own ops do.
 // Without OpenMP (a compiler without it) the work runs on the calling thread.
 
 #pragma once
-
-#include <unistd.h>
 
 #ifdef _OPENMP
 #include <omp.h>

@@ -83,6 +83,35 @@ def test_encoder_ignores_padding():
     torch.testing.assert_close(sigma_alone[0], sigma_batch[0], rtol=1e-6, atol=1e-6)
 
 
+@settings(max_examples=15, deadline=None)
+@given(
+    rows=st.lists(st.sampled_from(["", "0", "1", "01", "110", "010101"]), min_size=2, max_size=24),
+    prior=st.sampled_from(["uniform", "gaussian"]),
+)
+def test_repeated_strings_are_encoded_once_with_the_same_values_and_gradients(rows, prior):
+    # encode_batch encodes each distinct row once on CPU and repeats it; the
+    # values and the parameter gradients must be those of encoding every row
+    # (_encode_rows), up to the float32 rounding of a different row count in
+    # the GRU's matrix products and of adding the repeated rows' gradients.
+    model = _model(prior=prior, proposal="tricube" if prior == "uniform" else "gaussian")
+    batch = encode_strings(rows, model.vocabulary, model.config.max_length)
+    weights = torch.linspace(-1.0, 1.0, 2 * len(rows)).view(len(rows), 2)
+
+    def values_and_grads(encode):
+        model.zero_grad()
+        mu, sigma = encode()
+        ((mu * weights).sum() + (sigma.log() * weights.flip(0)).sum()).backward()
+        grads = [p.grad.clone() for p in model.encoder_modules().parameters()]
+        return mu.detach(), sigma.detach(), grads
+
+    fast = values_and_grads(lambda: model.encode_batch(batch))
+    every_row = values_and_grads(lambda: model._encode_rows(batch.tokens, batch.lengths))
+    torch.testing.assert_close(fast[0], every_row[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(fast[1], every_row[1], rtol=1e-6, atol=1e-6)
+    for a, b in zip(fast[2], every_row[2]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def _set_constant_logits(model, bias):
     with torch.no_grad():
         model.decoder_to_logits.weight.zero_()

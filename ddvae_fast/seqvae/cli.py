@@ -111,10 +111,11 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--threads",
         type=int,
-        default=1,
-        help="CPU threads for torch. 1 by default: this model's small matrices gain "
-        "little from a second thread, and on a busy machine OpenMP threads that "
-        "spin-wait for each other made training up to 10x slower",
+        default=None,
+        help="CPU threads for torch [default: the cores this process may use, at most 2, "
+        "shared out among the processes under torchrun]. On a machine busy with other "
+        "jobs use 1: OpenMP threads that wait for each other there made training up to "
+        "10x slower",
     )
     train.add_argument("--no-progress", action="store_true", help="no progress bars")
     train.add_argument(
@@ -343,9 +344,19 @@ def _check_device(name: str):
     return device
 
 
+def default_threads(processes: int = 1) -> int:
+    """Threads per process when --threads is not given: the usable cores shared
+    out among ``processes``, at most 2 (the synthetic model's matrices are small)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(2, cores // max(processes, 1)))
+
+
 def _check_args(args) -> None:
     """Checks of the flags alone, before anything is read or written."""
-    if args.threads < 1:
+    if args.threads is not None and args.threads < 1:
         raise UsageError(f"--threads must be >= 1, got {args.threads}")
     if args.dist_timeout is not None and not 0 < args.dist_timeout < float("inf"):
         raise UsageError(f"--dist-timeout must be a positive number, got {args.dist_timeout}")
@@ -515,6 +526,8 @@ def _train(args, started: float, *, device, world) -> int:
     from .trainer import Trainer, load_checkpoint
 
     main_process = world is None or world.is_main
+    if args.threads is None:
+        args.threads = default_threads(1 if world is None else world.world_size)
     torch.set_num_threads(args.threads)
     if args.resume:
         conflicting = [
