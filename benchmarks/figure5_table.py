@@ -55,6 +55,8 @@ def summarize(label: str, out: Path) -> dict:
         "run": label,
         "panel": panel,
         "epochs": f"{train['epochs']} + {train['finetune_epochs']} fine-tuning",
+        "beta end": train["beta_end"],
+        "lr halved every": train["lr_step_epochs"],
         "KL": metrics["prior_decoding_kl"],
         "KL authors": authors_kl,
         "JS": metrics["prior_decoding_js"],
@@ -63,6 +65,7 @@ def summarize(label: str, out: Path) -> dict:
         f"/{len(strings)}",
         "sampled reconstruction": metrics["sampled_reconstruction_accuracy"],
         "train s": round(metrics["train_seconds_all_epochs"]),
+        "threads": metrics.get("torch_threads"),
         "JS at or below authors": None
         if authors_js is None
         else metrics["prior_decoding_js"] <= authors_js,
@@ -111,6 +114,8 @@ def main(argv=None) -> int:
             "run",
             "panel",
             "epochs",
+            "beta end",
+            "lr halved every",
             "KL",
             "KL authors",
             "JS",
@@ -118,6 +123,7 @@ def main(argv=None) -> int:
             "reconstruction from mu",
             "sampled reconstruction",
             "train s",
+            "threads",
             "JS at or below authors",
         ],
         "rows": rows,

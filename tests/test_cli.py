@@ -157,12 +157,17 @@ def test_vae_baseline_on_a_gaussian_square(tmp_path, tiny_config):
 def test_presets_resolve_to_the_paper_recipe():
     parse = cli._parser().parse_args
     default = cli._config_from_args(parse(["train"]))
+    # The default: Figure 5's U_U panel compressed (its beta and tau end points),
+    # with fine-tuning; with --proposal tricube the U_T panel's end points.
     assert (
         default.data.is_synthetic
-        and default.model.proposal == "tricube"
+        and default.model.proposal == "uniform"
         and default.model.prior == "uniform"
     )
+    assert (default.train.beta_end, default.train.tau_end) == (1.0, 1e-3)
     assert default.train.finetune_epochs >= 1 and default.train.epochs < 100
+    tricube = cli._config_from_args(parse(["train", "--proposal", "tricube"]))
+    assert (tricube.train.beta_end, tricube.train.tau_end) == (0.1, 1e-2)
     paper = cli._config_from_args(parse(["train", "--preset", "paper"]))
     # Figure 5's U_T run as published: beta 0 -> 0.1, no fine-tuning (issue 8's table).
     assert (paper.train.epochs, paper.train.finetune_epochs) == (100, 0)
@@ -259,3 +264,13 @@ def test_data_errors_exit_with_a_message(tmp_path, capsys):
     assert "no checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["train", "--mode", "greedy"])  # argparse rejects it
+
+
+def test_default_threads_use_at_most_two_usable_cores_shared_among_processes(monkeypatch):
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert cli.default_threads() == 2  # the synthetic model's matrices are small
+    assert cli.default_threads(processes=8) == 2
+    assert cli.default_threads(processes=16) == 1
+    monkeypatch.setattr(cli.os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    assert cli.default_threads() == 1
+    assert cli.default_threads(processes=4) == 1  # never 0
