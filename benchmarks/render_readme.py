@@ -174,6 +174,7 @@ VIEWS = {
     "cpu_loss_in_loop_xeon": _loss_in_loop,
     "cpu_loss_bandwidth_xeon": _loss_bandwidth,
     "cpu_loss_in_loop_own_pool": _loss_in_loop,
+    "cpu_loss_in_loop_65536_repeat": _loss_in_loop,
     "cpu_loss_bandwidth_own_pool": _loss_bandwidth,
     "moses_small_runs": _moses_runs,
     "cpu_linear_loss": _linear_loss,
