@@ -16,6 +16,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def _extensions():
     # OpenMP: the modules run on torch's own OpenMP team (csrc/common.h says why).
+    # A compiler without OpenMP needs the flag dropped; the kernels then run on
+    # the calling thread.
     flags = ["-O3", "-std=c++17", "-ffp-contract=fast", "-fopenmp"]
     if os.environ.get("DDVAE_FAST_NATIVE", "0") == "1":
         flags.append("-march=native")

@@ -23,6 +23,8 @@
 
 #pragma once
 
+#include <pthread.h>
+
 #ifdef _OPENMP
 #include <omp.h>
 #endif
@@ -178,13 +180,24 @@ inline void cpu_pause() {
 
 // ------------------------------------------------------------------ threading
 
+// libgomp cannot start a parallel region in a child forked from a process
+// whose OpenMP threads already ran (the child waits for threads that do not
+// exist; torch's own ops hang there too). Each module registers, when it is
+// loaded, a fork handler that sends all later work of the child to the
+// calling thread.
+inline std::atomic<bool> forked{false};
+struct ForkWatch {
+  ForkWatch() { pthread_atfork(nullptr, nullptr, [] { forked.store(true); }); }
+};
+inline ForkWatch fork_watch;
+
 // fn(slot) on up to `threads` threads of the caller's OpenMP team (the
 // calling thread included); slot in [0, threads) is unique per thread. fn
 // must not throw (an exception cannot leave a parallel region).
 template <class Fn>
 void on_team(int threads, const Fn& fn) {
 #ifdef _OPENMP
-  if (threads > 1) {
+  if (threads > 1 && !forked.load(std::memory_order_relaxed)) {
 #pragma omp parallel num_threads(threads)
     fn(omp_get_thread_num());
     return;

@@ -108,3 +108,45 @@ def test_cpp_modules_share_torchs_openmp_runtime():
     torch_lib = os.path.realpath(os.path.join(os.path.dirname(torch.__file__), "lib"))
     assert len(paths) == 1, paths
     assert os.path.dirname(os.path.realpath(paths[0])) == torch_lib, paths
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_cpp_kernels_run_in_a_forked_child_after_the_parent_used_openmp():
+    # libgomp cannot start a parallel region in a child forked after its threads
+    # ran (torch's own ops hang there); the kernels must then run on the calling
+    # thread (csrc/common.h, fork handler) and give the parent's result.
+    code = textwrap.dedent(
+        """
+        import os, torch
+        from ddvae_fast.backends import cpp_module
+        torch.set_num_threads(2)
+        n, v = 65536, 64
+        logits = torch.randn(n, v, generator=torch.Generator().manual_seed(0))
+        target = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(1))
+        module = cpp_module("relaxed_argmax")
+        rows, nll = torch.empty(n), torch.empty(n)
+        correct, scale, grad = torch.empty(n, dtype=torch.bool), torch.tensor(1.0), torch.empty(n, v)
+
+        def kernel():
+            module.forward(
+                logits.data_ptr(), target.data_ptr(), scale.data_ptr(), rows.data_ptr(),
+                nll.data_ptr(), correct.data_ptr(), grad.data_ptr(), n, v, v, 0, 0.1, False,
+                -100, 1.0, 0.0, True, False, 2, "auto",
+            )
+
+        kernel()
+        expected = rows.numpy().copy()
+        torch.randn(1 << 20).add(1)  # torch's OpenMP threads ran too
+        pid = os.fork()
+        if pid == 0:
+            rows.numpy()[:] = 0
+            kernel()  # would wait forever for the parent's OpenMP threads
+            os._exit(0 if (rows.numpy() == expected).all() else 3)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status))
+        """
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    ).stdout
+    assert out.strip().splitlines()[-1] == "0"
