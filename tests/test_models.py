@@ -331,6 +331,9 @@ def test_transform_input_scale_is_the_authors_sigmoid_form():
     for bad in (0.0, -1.0, math.inf, True, "0.5"):
         with pytest.raises((ValueError, TypeError), match="transform_input_scale"):
             ModelConfig(transform_input_scale=bad)
+    for bad in (math.nan, -math.inf, True, "0.5", None):
+        with pytest.raises((ValueError, TypeError), match="initial_log_sigma"):
+            ModelConfig(initial_log_sigma=bad)
 
 
 def test_config_errors():

@@ -80,12 +80,7 @@ class ModelConfig:
             )
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        if not isinstance(self.initial_log_sigma, (int, float)) or not math.isfinite(
-            self.initial_log_sigma
-        ):
-            raise ValueError(
-                f"initial_log_sigma must be a finite number, got {self.initial_log_sigma!r}"
-            )
+        check_finite_real(self.initial_log_sigma, "initial_log_sigma")
         if not check_finite_real(self.transform_input_scale, "transform_input_scale") > 0:
             raise ValueError(
                 f"transform_input_scale must be a number > 0, got {self.transform_input_scale!r}"
