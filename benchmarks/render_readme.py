@@ -164,18 +164,15 @@ def _moses_runs(data):
 SOURCES = {
     "cpu_loss_bandwidth": "cpu_loss_in_loop",
     "cpu_loss_bandwidth_xeon": "cpu_loss_in_loop_xeon",
-    "cpu_loss_bandwidth_own_pool": "cpu_loss_in_loop_own_pool",
     "moses_small_runs": "moses_small",
 }
 # Results files whose layout is not a plain list of rows: name -> rows.
 VIEWS = {
     "cpu_loss_in_loop": _loss_in_loop,
     "cpu_loss_bandwidth": _loss_bandwidth,
-    "cpu_loss_in_loop_xeon": _loss_in_loop,
     "cpu_loss_bandwidth_xeon": _loss_bandwidth,
     "cpu_loss_in_loop_own_pool": _loss_in_loop,
     "cpu_loss_in_loop_65536_repeat": _loss_in_loop,
-    "cpu_loss_bandwidth_own_pool": _loss_bandwidth,
     "moses_small_runs": _moses_runs,
     "cpu_linear_loss": _linear_loss,
     "cpu_sampler_rsample": _sampler_rsample,

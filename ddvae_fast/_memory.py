@@ -4,9 +4,10 @@ The cpp loss returns a fresh (N, V) gradient on every call, and autograd owns
 it afterwards, so it cannot be a buffer the loss keeps. With ``torch.empty``
 each call's gradient is memory the kernel has never touched: glibc maps it
 anew (from 32 MiB) or hands back memory it trimmed, and the first write to
-every 4 KiB page faults and zeroes it. At (65536, 64) fp32 on the 2-core VM
-the kernel took 3.6 ms into a fresh ``torch.empty`` gradient and 2.1 ms into
-a reused one (benchmarks/results/cpu_loss_in_loop.json).
+every 4 KiB page faults and zeroes it. At (16384, 1024) fp32 on the 2-core
+VM the kernel took 25.4 ms into a fresh ``torch.empty`` gradient and 6.9 ms
+into a reused one; at (2048, 32000) 102.8 and 24.9 ms ("bandwidth" in
+benchmarks/results/cpu_loss_in_loop.json).
 
 So outputs of at least ``MIN_CACHED_BYTES`` are private anonymous mappings
 whose tensor, when its storage dies, hands the mapping back to a process-wide
