@@ -179,6 +179,7 @@ VIEWS = {
     "aot_sm80": _aot,
     "aot_sm90a": _aot,
     "synthetic_seeds": _synthetic_seeds,
+    "synthetic_seeds_z_input": _synthetic_seeds,
 }
 
 

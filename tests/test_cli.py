@@ -165,6 +165,7 @@ def test_presets_resolve_to_the_paper_recipe():
         and default.model.prior == "uniform"
     )
     assert (default.train.beta_end, default.train.tau_end) == (1.0, 1e-3)
+    assert default.model.decoder_input == "atanh"
     assert default.train.finetune_epochs >= 1 and default.train.epochs < 100
     tricube = cli._config_from_args(parse(["train", "--proposal", "tricube"]))
     assert (tricube.train.beta_end, tricube.train.tau_end) == (0.1, 1e-2)
@@ -188,6 +189,12 @@ def test_presets_resolve_to_the_paper_recipe():
         )
     )
     assert (vae.model.mode, vae.train.beta_end) == ("sample", 0.1)
+    # The default's rule gives a Gaussian prior the decoder that reads z itself.
+    default_vae = cli._config_from_args(
+        parse(["train", "--prior", "gaussian", "--proposal", "gaussian", "--mode", "sample"])
+    )
+    assert (default_vae.model.prior, default_vae.model.decoder_input) == ("gaussian", "z")
+    assert paper.model.decoder_input == "z"  # the published runs' decoder reads z
     uniform = cli._config_from_args(
         parse(["train", "--preset", "paper", "--proposal", "uniform", "--epochs", "7"])
     )

@@ -219,6 +219,10 @@ BAD_CONFIGS = {
         "[[rules]]\nwhen = { proposal = 'uniform' }\nset = { lr = -1.0 }\n",
         "rules[0].set",
     ),
+    "rule_bad_model_value": (
+        "[[rules]]\nwhen = { prior = 'gaussian' }\nset = { decoder_input = 'atanh' }\n",
+        "rules[0].set",
+    ),
     "rule_bad_key": ("[[rules]]\nwhen = { colour = 1 }\nset = { lr = 1e-3 }\n", "rules[0].when"),
     "not_toml": ("[train\n", "not valid TOML"),
 }

@@ -179,13 +179,20 @@ def test_decode_special_tokens_and_missing_eos():
 
 
 @settings(max_examples=15, deadline=None)
-@given(seed=st.integers(0, 10_000), scale=st.floats(0.1, 20.0))
-def test_greedy_decode_matches_teacher_forced_argmax(seed, scale):
+@given(
+    seed=st.integers(0, 10_000),
+    scale=st.floats(0.1, 20.0),
+    decoder_input=st.sampled_from(["z", "atanh"]),
+)
+def test_greedy_decode_matches_teacher_forced_argmax(seed, scale, decoder_input):
     # Independent check of decode(): feeding a decoded string back with teacher
     # forcing must give a unique arg max equal to each of its tokens and eos.
-    model = _model(seed=seed % 7)
+    model = _model(seed=seed % 7, decoder_input=decoder_input)
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(32, 2, generator=g) * scale
+    if decoder_input == "atanh":  # codes of the uniform prior, the square's edges included
+        z = torch.tanh(z)
+        z[:4] = torch.tensor([[1.0, -1.0], [-1.0, 1.0], [1.0, 0.5], [0.0, -1.0]])
     decoded = model.decode(z)
     vocab = model.vocabulary
     for i, s in enumerate(decoded):
@@ -334,6 +341,31 @@ def test_transform_input_scale_is_the_authors_sigmoid_form():
     for bad in (math.nan, -math.inf, True, "0.5", None):
         with pytest.raises((ValueError, TypeError), match="initial_log_sigma"):
             ModelConfig(initial_log_sigma=bad)
+
+
+def test_atanh_decoder_input_is_the_z_decoder_at_atanh_z():
+    # decoder_input = "atanh" must be the same decoder evaluated at atanh(z),
+    # computed here in float64 by the "z" model with the same weights; codes on
+    # the square's edge (tanh rounds to 1 in float32) read as finite values.
+    z_model = _model(seed=3)
+    atanh_model = _model(seed=3, decoder_input="atanh")
+    atanh_model.load_state_dict(z_model.state_dict())
+    batch = encode_strings(STRINGS, z_model.vocabulary)
+    g = torch.Generator().manual_seed(0)
+    z = torch.tanh(torch.randn(len(STRINGS), 2, generator=g) * 3)
+    z[0] = torch.tensor([1.0, -1.0])
+    with torch.no_grad():
+        got = atanh_model.decoder_logits(z, batch)
+        bound = 1 - torch.finfo(torch.float32).eps
+        expected = z_model.double().decoder_logits(
+            torch.atanh(z.double().clamp(-bound, bound)), batch
+        )
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), expected, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="decoder_input = 'atanh' needs the uniform prior"):
+        _model(prior="gaussian", proposal="gaussian", decoder_input="atanh")
+    with pytest.raises(ValueError, match="decoder_input must be one of"):
+        _model(decoder_input="tanh")
 
 
 def test_config_errors():

@@ -37,6 +37,7 @@ from .gru import gru_final_states, gru_layers
 from .io import atomic_torch_save, check_known_keys, check_torch_file
 
 MODES = ("argmax", "sample")
+DECODER_INPUTS = ("z", "atanh")
 _FORMAT = "ddvae_fast.SequenceDDVAE/1"
 
 
@@ -61,6 +62,10 @@ class ModelConfig:
     # initial_log_sigma = 0 for the same starting widths); the optimum is the
     # same, but Adam's step per parameter is not, so mu moves half as fast.
     transform_input_scale: float = 1.0
+    # What the decoder reads of z: "z" itself (the authors' model), or, under the
+    # uniform prior, "atanh" of it: the coordinates before the tanh of Eq. 9-10,
+    # in which the boxes squeezed into the square's edges are wide again.
+    decoder_input: str = "z"
     score: str = "logit"  # what the relaxed arg max compares: 'logit' or 'prob'
     backend: str = "auto"  # backend of the decoder loss
 
@@ -84,6 +89,15 @@ class ModelConfig:
         if not check_finite_real(self.transform_input_scale, "transform_input_scale") > 0:
             raise ValueError(
                 f"transform_input_scale must be a number > 0, got {self.transform_input_scale!r}"
+            )
+        if self.decoder_input not in DECODER_INPUTS:
+            raise ValueError(
+                f"decoder_input must be one of {DECODER_INPUTS}, got {self.decoder_input!r}"
+            )
+        if self.decoder_input == "atanh" and self.prior != "uniform":
+            raise ValueError(
+                "decoder_input = 'atanh' needs the uniform prior (z in [-1, 1]); "
+                f"the prior is {self.prior!r}"
             )
         if self.score not in ("logit", "prob"):
             raise ValueError(f"score must be 'logit' or 'prob', got {self.score!r}")
@@ -235,6 +249,15 @@ class SequenceDDVAE(nn.Module):
 
     # -- decoder -------------------------------------------------------------
 
+    def _decoder_latent(self, z: torch.Tensor) -> torch.Tensor:
+        """What the decoder reads of z (ModelConfig.decoder_input)."""
+        if self.config.decoder_input == "z":
+            return z
+        # Clamped inside (-1, 1) so that a code on the square's edge (tanh rounds
+        # to 1 in float32 from about 9) reads as a large finite value.
+        bound = 1.0 - torch.finfo(z.dtype).eps
+        return torch.atanh(z.clamp(-bound, bound))
+
     def _initial_state(self, z: torch.Tensor) -> torch.Tensor:
         c = self.config
         h = self.latent_to_hidden(z).view(z.shape[0], c.num_layers, c.hidden_size)
@@ -248,6 +271,7 @@ class SequenceDDVAE(nn.Module):
         The model computes them time-major, (T, B, V) and contiguous, which is
         what ``batch_first=False`` returns (pass it on to ``decoder_loss`` with
         the targets transposed); the default is a (B, T, V) view of them."""
+        z = self._decoder_latent(z)
         tokens = batch.tokens.t()
         bos = torch.full_like(tokens[:1], self.vocabulary.bos)
         emb = self.decoder_embedding(torch.cat([bos, tokens[:-1]], dim=0))
@@ -336,6 +360,7 @@ class SequenceDDVAE(nn.Module):
         """(ids (n, steps) with -1 after the end, valid (n,)) of the greedy decoding of z."""
         vocab = self.vocabulary
         n = z.shape[0]
+        z = self._decoder_latent(z)
         h = list(self._initial_state(z).unbind(0))
         token = torch.full((n,), vocab.bos, dtype=torch.long, device=z.device)
         steps = []

@@ -28,7 +28,7 @@ import hashlib
 import io
 import random
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -175,10 +175,12 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    # Train settings that depend on the model's choices (Appendix B.1: the
-    # uniform proposal uses beta_end 0.1, tricube tau_end 1e-2, ...): a list of
-    # {"when": {model setting: value}, "set": {train setting: value}}, applied
-    # in order by resolve().
+    # Settings that depend on the model's choices (Appendix B.1: the uniform
+    # proposal uses beta_end 1, tricube tau_end 1e-2, ...): a list of
+    # {"when": {model setting: value}, "set": {train or model setting: value}}.
+    # Model settings are applied by with_overrides (so that an override such as
+    # a Gaussian prior can bring the model settings it needs), train settings
+    # by resolve(); both in order.
     rules: tuple = ()
 
     def to_dict(self) -> dict:
@@ -207,16 +209,21 @@ class ExperimentConfig:
                     f"{where} must be a table with exactly 'when' and 'set' tables, got {rule!r}"
                 )
             check_known_keys(rule["when"], ModelConfig, f"{where}.when")
-            check_known_keys(rule["set"], TrainConfig, f"{where}.set")
+            check_known_keys(rule["set"], _RULE_SETTINGS, f"{where}.set")
+            train_part, model_part = _split_rule(rule)
             try:
-                replace(train, **rule["set"])  # a rule's values must be valid train settings
+                # A rule's values must be valid settings: train ones alone, model
+                # ones together with the rule's own condition.
+                replace(train, **train_part)
+                if model_part:
+                    ModelConfig(**{**asdict(ModelConfig()), **rule["when"], **model_part})
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{where}.set: {exc}") from None
         try:
             return cls(
                 name=name,
                 data=_from_dict(DataConfig, values.get("data", {}), "data"),
-                model=ModelConfig.from_dict(values.get("model", {})),
+                model=_model_config(values.get("model", {}), rules),
                 train=train,
                 rules=tuple(rules),
             )
@@ -232,17 +239,39 @@ class ExperimentConfig:
         return replace(
             self,
             data=replace(self.data, **clean(data)),
-            model=replace(self.model, **clean(model)),
+            model=_model_config({**asdict(self.model), **clean(model)}, self.rules),
             train=replace(self.train, **clean(train)),
         )
 
     def resolve(self) -> ExperimentConfig:
-        """Apply the rules whose ``when`` matches the model settings."""
+        """Apply the train settings of the rules whose ``when`` matches the model settings."""
         train = self.train
         for rule in self.rules:
             if all(getattr(self.model, k) == v for k, v in rule["when"].items()):
-                train = replace(train, **rule["set"])
+                train = replace(train, **_split_rule(rule)[0])
         return replace(self, train=train)
+
+
+_RULE_SETTINGS = tuple(f.name for f in fields(TrainConfig)) + tuple(
+    f.name for f in fields(ModelConfig)
+)
+
+
+def _model_config(values: dict, rules) -> ModelConfig:
+    """ModelConfig from ``values`` with the model settings of the matching rules."""
+    check_known_keys(values, ModelConfig, "[model]")
+    values = {**asdict(ModelConfig()), **values}
+    for rule in rules:
+        if all(values[k] == v for k, v in rule["when"].items()):
+            values.update(_split_rule(rule)[1])
+    return ModelConfig(**values)
+
+
+def _split_rule(rule: dict) -> tuple[dict, dict]:
+    """A rule's ``set`` as (train settings, model settings)."""
+    train_names = {f.name for f in fields(TrainConfig)}
+    train = {k: v for k, v in rule["set"].items() if k in train_names}
+    return train, {k: v for k, v in rule["set"].items() if k not in train_names}
 
 
 def read_config_file(path) -> dict:
