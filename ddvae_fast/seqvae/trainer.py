@@ -175,8 +175,8 @@ class ExperimentConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    # Settings that depend on the model's choices (Appendix B.1: the uniform
-    # proposal uses beta_end 1, tricube tau_end 1e-2, ...): a list of
+    # Settings that depend on the model's choices (the authors' configs: the
+    # tricube proposal uses beta_end 0.1 and tau_end 1e-2, ...): a list of
     # {"when": {model setting: value}, "set": {train or model setting: value}}.
     # Model settings are applied by with_overrides (so that an override such as
     # a Gaussian prior can bring the model settings it needs), train settings
