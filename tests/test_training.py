@@ -257,6 +257,28 @@ def test_shipped_configs_and_rules():
         assert shipped.data.n_samples == 100_000 and shipped.data.p_one == 0.8
 
 
+def test_rules_set_model_settings_on_load_and_on_override(tmp_path):
+    # A rule's model settings apply whenever the ModelConfig is built: from the
+    # file itself (whose own decoder_input would be refused with this prior)
+    # and from an override; its train settings only through resolve().
+    path = tmp_path / "rules.toml"
+    path.write_text(
+        '[model]\nprior = "gaussian"\nproposal = "gaussian"\ndecoder_input = "atanh"\n'
+        "[[rules]]\nwhen = { prior = 'gaussian' }\n"
+        "set = { decoder_input = 'z', beta_end = 0.25 }\n"
+    )
+    loaded = load_config(path)
+    assert loaded.model.decoder_input == "z"
+    assert loaded.train.beta_end != 0.25 and loaded.resolve().train.beta_end == 0.25
+    uniform = loaded.with_overrides(
+        model={"prior": "uniform", "proposal": "uniform", "decoder_input": "atanh"}
+    )
+    assert uniform.model.decoder_input == "atanh"  # the rule does not match
+    assert uniform.resolve().train.beta_end == loaded.train.beta_end
+    again = uniform.with_overrides(model={"prior": "gaussian", "proposal": "gaussian"})
+    assert again.model.decoder_input == "z"
+
+
 def test_config_errors(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train]\nepoch = 3\n")

@@ -252,9 +252,8 @@ class ExperimentConfig:
         return replace(self, train=train)
 
 
-_RULE_SETTINGS = tuple(f.name for f in fields(TrainConfig)) + tuple(
-    f.name for f in fields(ModelConfig)
-)
+_TRAIN_SETTINGS = frozenset(f.name for f in fields(TrainConfig))
+_RULE_SETTINGS = _TRAIN_SETTINGS | {f.name for f in fields(ModelConfig)}
 
 
 def _model_config(values: dict, rules) -> ModelConfig:
@@ -269,9 +268,8 @@ def _model_config(values: dict, rules) -> ModelConfig:
 
 def _split_rule(rule: dict) -> tuple[dict, dict]:
     """A rule's ``set`` as (train settings, model settings)."""
-    train_names = {f.name for f in fields(TrainConfig)}
-    train = {k: v for k, v in rule["set"].items() if k in train_names}
-    return train, {k: v for k, v in rule["set"].items() if k not in train_names}
+    train = {k: v for k, v in rule["set"].items() if k in _TRAIN_SETTINGS}
+    return train, {k: v for k, v in rule["set"].items() if k not in _TRAIN_SETTINGS}
 
 
 def read_config_file(path) -> dict:
