@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 import ddvae_fast as ddf
 from ddvae_fast.seqvae.data import Vocabulary, encode_strings
-from ddvae_fast.seqvae.model import ModelConfig, SequenceDDVAE
+from ddvae_fast.seqvae.model import ModelConfig, SequenceDDVAE, unique_rows
 
 STRINGS = ["0110", "1", "", "111111", "010"]
 
@@ -110,6 +110,36 @@ def test_repeated_strings_are_encoded_once_with_the_same_values_and_gradients(ro
     torch.testing.assert_close(fast[1], every_row[1], rtol=1e-6, atol=1e-6)
     for a, b in zip(fast[2], every_row[2]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    base=st.integers(1, 300),
+    n=st.integers(0, 40),
+    width=st.integers(1, 12),
+    seed=st.integers(0, 2**16),
+    repeats=st.integers(1, 4),
+)
+def test_unique_rows_is_torch_unique_over_rows(base, n, width, seed, repeats):
+    # The oracle is torch.unique(dim=0): the same distinct rows in the same
+    # order, inverse and counts, whether the rows fit one int64 code (small
+    # base and width) or not (base 300, width 8 and more: 66+ bits).
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(0, base, (n, width), generator=g).repeat(repeats, 1)
+    rows = rows[torch.randperm(rows.shape[0], generator=g)]
+    got = unique_rows(rows, base)
+    want = torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype
+        assert torch.equal(a, b)
+
+
+def test_unique_rows_refuses_values_outside_its_base():
+    # Out of range, [0, 6] and [1, 0] would share the code 6 in base 6.
+    with pytest.raises(ValueError, match=r"\[0, 6\)"):
+        unique_rows(torch.tensor([[0, 6], [1, 0]]), 6)
+    with pytest.raises(ValueError, match="must lie in"):
+        unique_rows(torch.tensor([[0, -1]]), 6)
 
 
 def _set_constant_logits(model, bias):

@@ -56,6 +56,21 @@ from torch.nn import functional as F
 CHUNK_BYTES = 4 * 2**20
 
 
+def tanh_in_place(t: torch.Tensor) -> torch.Tensor:
+    """tanh of ``t``, written into ``t`` (not differentiable: for the GRU's
+    own forward and for greedy decoding, both outside autograd's graph).
+
+    On CPU as 2 sigmoid(2t) - 1: ATen's CPU tanh costs 5-12x its sigmoid per
+    element (4096 x 128 float32, 1 and 2 threads, AMD EPYC), so this form,
+    four cheap passes, is several times faster. It differs from tanh by at
+    most 2e-7 in float32 (tests/test_gru.py), below the GRU's own rounding
+    across steps; the backward's 1 - n^2 reads the value computed here.
+    """
+    if t.device.type != "cpu":
+        return t.tanh_()  # one fused kernel beats four launches on a GPU
+    return t.mul_(2).sigmoid_().mul_(2).sub_(1)
+
+
 def check_gru_module(rnn) -> nn.GRU:
     """``rnn`` if this module can run it, else a clear error (before any work)."""
     if not isinstance(rnn, nn.GRU):
@@ -373,7 +388,7 @@ def _forward(x, h0, w_ih, w_hh, b_ih, b_hh, sequence_gates, layout, keep: bool):
             reset_update = gates[:2, block]
             torch.add(reset_update, gh3[:, :2].transpose(0, 1), out=reset_update).sigmoid_()
             new = gates[2, block]
-            torch.addcmul(new, gates[0, block], gh3[:, 2], out=new).tanh_()
+            tanh_in_place(torch.addcmul(new, gates[0, block], gh3[:, 2], out=new))
             # h' = n + z (h - n), nn.GRU's (1 - z) n + z h.
             out = states[batch + layout.offsets[t] : batch + layout.offsets[t] + size]
             torch.lerp(new, h, gates[1, block], out=out)
