@@ -117,8 +117,8 @@ def unique_rows(rows: torch.Tensor, base: int) -> tuple[torch.Tensor, torch.Tens
 
     When a row fits one int64 in base ``base`` it is unique'd as that code:
     unique(dim=0) compares rows one pair at a time (a select and an equal
-    per row: ~2 ms of a 41 ms training step of the default run, 512 x 7
-    tokens; benchmarks/bench_synthetic_step.py). The first column is the most
+    per row), about 3x slower on a default-run batch's 512 x 7 tokens
+    (benchmarks/results/synthetic_step.json). The first column is the most
     significant digit, so codes sort as the rows do.
     """
     if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= base):
