@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 
 import torch
+from synthetic_seeds import _cpu_model  # benchmarks/ is on sys.path when run as a script
 
 from ddvae_fast.sampling import RejectionSampler
 from ddvae_fast.seqvae import gru
@@ -52,16 +53,6 @@ def _use_tanh(form) -> None:
     # Both modules call the name they imported: point both at the form measured.
     gru.tanh_in_place = form
     model_module.tanh_in_place = form
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main(argv=None) -> int:
