@@ -351,3 +351,12 @@ def test_tanh_in_place_is_tanh_within_its_bound(values, dtype):
     assert tail[0] == 0.0 and tail[1] == 0.0
     assert tail[-4:] == [1.0, -1.0, 1.0, -1.0]
     assert torch.isnan(tanh_in_place(torch.tensor([float("nan")], dtype=dtype))).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_tanh_in_place_is_aten_tanh_in_half_precision(dtype):
+    # With 8 or 11 bits of mantissa the sigmoid form would add its own
+    # roundings to tanh's: these dtypes get ATen's tanh, bit for bit.
+    x = torch.linspace(-6, 6, 1001).to(dtype)
+    got = tanh_in_place(x.clone())
+    assert torch.equal(got, torch.tanh(x))
