@@ -11,7 +11,9 @@
 - the distinct rows of a batch (``encode_batch``): ``torch.unique(dim=0)``
   against ``seqvae.model.unique_rows`` on the same 512 x 7 tokens.
 
-The model is a trained default run's (``--checkpoint``, by default what
+The tanh-alone case times a clone of the block with either form (the same
+cost in both, so its ratio understates the op's). The model is a trained
+default run's (``--checkpoint``, by default what
 ``./run.sh train`` writes): with random weights nearly every draw decodes to
 a different string and counting them, not the GRU, would be measured. The
 two variants of each case alternate within every round; the first round is
