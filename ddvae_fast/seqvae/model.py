@@ -121,11 +121,10 @@ def unique_rows(rows: torch.Tensor, base: int) -> tuple[torch.Tensor, torch.Tens
     (benchmarks/results/synthetic_step.json). The first column is the most
     significant digit, so codes sort as the rows do.
     """
-    if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= base):
-        # Out of range, two different rows could share a code.
-        raise ValueError(
-            f"row values must lie in [0, {base}), got {int(rows.min())}..{int(rows.max())}"
-        )
+    if rows.numel():
+        low, high = (int(v) for v in torch.aminmax(rows))  # one pass for both
+        if low < 0 or high >= base:  # out of range, two different rows could share a code
+            raise ValueError(f"row values must lie in [0, {base}), got {low}..{high}")
     width = rows.shape[1]
     if width == 0 or width * math.log2(max(base, 2)) >= 62:
         return torch.unique(rows, dim=0, return_inverse=True, return_counts=True)
