@@ -38,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from synthetic_seeds import _cpu_model  # benchmarks/ is on sys.path when run as a script
+from _machine import cpu_model  # benchmarks/ is on sys.path when run as a script
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -174,7 +174,7 @@ def main(argv=None) -> int:
         )
     import torch
 
-    machine = {"cpu": _cpu_model(), "cores": os.cpu_count()}
+    machine = {"cpu": cpu_model(), "cores": os.cpu_count()}
     if args.device == "cuda":
         machine["gpus"] = ", ".join(
             torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())

@@ -33,12 +33,12 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 import torch
+from _machine import cpu_model  # benchmarks/ is on sys.path when run as a script
 
 import ddvae_fast as ddf
 from ddvae_fast._memory import empty_cpu_cache
@@ -188,14 +188,8 @@ def bench_bandwidth(logits, target, rounds):
 
 
 def machine_info():
-    model = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-    except (OSError, StopIteration):
-        pass
     return {
-        "cpu": model,
+        "cpu": cpu_model(),
         "logical_cpus": os.cpu_count(),
         "torch": torch.__version__,
         "isas": list(cpp_module("relaxed_argmax").supported_isas()),

@@ -43,6 +43,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see benchmarks/conftest.p
 
 import torch
 import torch.nn.functional as F
+from _machine import cpu_model  # benchmarks/ is on sys.path when run as a script
 
 import ddvae_fast as ddf
 from ddvae_fast.loss.linear import chunk_rows_for, linear_relaxed_argmax_loss
@@ -195,7 +196,7 @@ def write_record(results, out):
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {
             "platform": platform.platform(),
-            "processor": _cpu_name(),
+            "processor": cpu_model(),
             "cpu_count": os.cpu_count(),
             "torch": torch.__version__,
             "threads": NUM_THREADS,
@@ -210,17 +211,6 @@ def write_record(results, out):
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as f:
         json.dump(record, f, indent=2)
-
-
-def _cpu_name():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

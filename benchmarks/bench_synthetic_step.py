@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from synthetic_seeds import _cpu_model  # benchmarks/ is on sys.path when run as a script
+from _machine import cpu_model  # benchmarks/ is on sys.path when run as a script
 
 from ddvae_fast.sampling import RejectionSampler
 from ddvae_fast.seqvae import gru
@@ -151,7 +151,7 @@ def main(argv=None) -> int:
         + " ".join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "machine": {
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "platform": platform.platform(),
             "load_average_at_end": list(os.getloadavg()),

@@ -57,6 +57,8 @@ def summarize(label: str, out: Path) -> dict:
         "epochs": f"{train['epochs']} + {train['finetune_epochs']} fine-tuning",
         "beta end": train["beta_end"],
         "lr halved every": train["lr_step_epochs"],
+        # Checkpoints from before the setting existed had z at every step.
+        "z every step": config["model"].get("z_every_step", True),
         "KL": metrics["prior_decoding_kl"],
         "KL authors": authors_kl,
         "JS": metrics["prior_decoding_js"],
@@ -116,6 +118,7 @@ def main(argv=None) -> int:
             "epochs",
             "beta end",
             "lr halved every",
+            "z every step",
             "KL",
             "KL authors",
             "JS",

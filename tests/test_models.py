@@ -213,11 +213,12 @@ def test_decode_special_tokens_and_missing_eos():
     seed=st.integers(0, 10_000),
     scale=st.floats(0.1, 20.0),
     decoder_input=st.sampled_from(["z", "atanh"]),
+    z_every_step=st.booleans(),
 )
-def test_greedy_decode_matches_teacher_forced_argmax(seed, scale, decoder_input):
+def test_greedy_decode_matches_teacher_forced_argmax(seed, scale, decoder_input, z_every_step):
     # Independent check of decode(): feeding a decoded string back with teacher
     # forcing must give a unique arg max equal to each of its tokens and eos.
-    model = _model(seed=seed % 7, decoder_input=decoder_input)
+    model = _model(seed=seed % 7, decoder_input=decoder_input, z_every_step=z_every_step)
     g = torch.Generator().manual_seed(seed)
     z = torch.randn(32, 2, generator=g) * scale
     if decoder_input == "atanh":  # codes of the uniform prior, the square's edges included
@@ -401,7 +402,31 @@ def test_atanh_decoder_input_is_the_z_decoder_at_atanh_z():
         _model(decoder_input="tanh")
 
 
+@pytest.mark.parametrize("z_every_step", [True, False])
+def test_decoder_logits_equal_nn_gru_over_the_concatenated_or_bare_input(z_every_step):
+    """Teacher-forced logits against nn.GRU called as the authors' model calls
+    it (z only in the initial state) or over [emb; z] at every step, in float64
+    (a few roundings of the GRU cell: 1e-12)."""
+    model = _model(seed=5, z_every_step=z_every_step).double()
+    batch = encode_strings(STRINGS, model.vocabulary)
+    z = torch.rand(len(STRINGS), 2, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    z = z * 2 - 1
+    tokens = batch.tokens.t()
+    inputs = model.decoder_embedding(
+        torch.cat([torch.full_like(tokens[:1], model.vocabulary.bos), tokens[:-1]])
+    )
+    assert model.decoder_rnn.input_size == inputs.shape[-1] + (2 if z_every_step else 0)
+    if z_every_step:
+        inputs = torch.cat([inputs, z.expand(tokens.shape[0], -1, -1)], dim=-1)
+    h0 = model.latent_to_hidden(z).view(len(STRINGS), 2, -1).transpose(0, 1).contiguous()
+    out, _ = model.decoder_rnn(inputs, h0)
+    want = model.decoder_to_logits(out).transpose(0, 1)
+    torch.testing.assert_close(model.decoder_logits(z, batch), want, rtol=0, atol=1e-12)
+
+
 def test_config_errors():
+    with pytest.raises(ValueError, match="z_every_step must be true or false"):
+        _model(z_every_step=0)
     with pytest.raises(ValueError, match="bounded proposal"):
         _model(prior="uniform", proposal="gaussian")
     with pytest.raises(ValueError, match="mode"):

@@ -254,6 +254,7 @@ def test_shipped_configs_and_rules():
             assert t == preset.train
         m = shipped.model
         assert (m.num_layers, m.hidden_size, m.embedding_dim, m.latent_dim) == (2, 128, 8, 2)
+        assert m.z_every_step is False  # their decoder reads z through its initial states only
         assert shipped.data.n_samples == 100_000 and shipped.data.p_one == 0.8
 
 

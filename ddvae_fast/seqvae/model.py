@@ -7,7 +7,8 @@ through Eq. 9-10 so that the proposal's support lies inside [-1, 1]^d.
 
 The decoder is conditioned on z twice: z sets the initial hidden state of
 every layer (through a linear map), and z is concatenated to the token
-embedding at every step. It reads ``bos + tokens`` and predicts
+embedding at every step (ModelConfig.z_every_step; the authors' model has
+the initial state only). It reads ``bos + tokens`` and predicts
 ``tokens + eos``; being causal, positions past a string's end do not affect
 the positions before it, so padded targets are simply ignored by the loss.
 
@@ -66,6 +67,10 @@ class ModelConfig:
     # uniform prior, "atanh" of it: the coordinates before the tanh of Eq. 9-10,
     # in which the boxes squeezed into the square's edges are wide again.
     decoder_input: str = "z"
+    # Whether the decoder's first GRU layer reads z at every step beside the
+    # token embedding (True), or z only sets the initial hidden states (False:
+    # the authors' model, the configs of Figure 5's panels).
+    z_every_step: bool = True
     score: str = "logit"  # what the relaxed arg max compares: 'logit' or 'prob'
     backend: str = "auto"  # backend of the decoder loss
 
@@ -99,6 +104,8 @@ class ModelConfig:
                 "decoder_input = 'atanh' needs the uniform prior (z in [-1, 1]); "
                 f"the prior is {self.prior!r}"
             )
+        if not isinstance(self.z_every_step, bool):
+            raise ValueError(f"z_every_step must be true or false, got {self.z_every_step!r}")
         if self.score not in ("logit", "prob"):
             raise ValueError(f"score must be 'logit' or 'prob', got {self.score!r}")
         if not isinstance(self.backend, str):
@@ -169,7 +176,8 @@ class SequenceDDVAE(nn.Module):
             self.encoder_to_latent.bias[c.latent_dim :].fill_(c.initial_log_sigma)
         self.latent_to_hidden = nn.Linear(c.latent_dim, c.num_layers * c.hidden_size)
         self.decoder_embedding = nn.Embedding(v, c.embedding_dim, padding_idx=vocabulary.pad)
-        self.decoder_rnn = nn.GRU(c.embedding_dim + c.latent_dim, c.hidden_size, c.num_layers)
+        z_inputs = c.latent_dim if c.z_every_step else 0
+        self.decoder_rnn = nn.GRU(c.embedding_dim + z_inputs, c.hidden_size, c.num_layers)
         self.decoder_to_logits = nn.Linear(c.hidden_size, v)
 
     # -- parameter groups (the fine-tuning stage trains the decoder only) ----
@@ -302,14 +310,16 @@ class SequenceDDVAE(nn.Module):
         bos = torch.full_like(tokens[:1], self.vocabulary.bos)
         emb = self.decoder_embedding(torch.cat([bos, tokens[:-1]], dim=0))
         rnn, h0 = self.decoder_rnn, self._initial_state(z)
+        every_step = z if self.config.z_every_step else None
         if z.device.type == "cpu":
             # seqvae.gru's layers (fewer, larger ops than nn.GRU's on CPU). z is
             # the same at every step: its part of the first layer's input gates
             # is computed once per sequence instead of concatenating z to each step.
-            out = gru_layers(rnn, emb, h0, sequence_input=z)[-1]
+            out = gru_layers(rnn, emb, h0, sequence_input=every_step)[-1]
         else:
-            inputs = torch.cat([emb, z.unsqueeze(0).expand(tokens.shape[0], -1, -1)], dim=-1)
-            out, _ = rnn(inputs, h0)
+            if every_step is not None:
+                emb = torch.cat([emb, z.unsqueeze(0).expand(tokens.shape[0], -1, -1)], dim=-1)
+            out, _ = rnn(emb, h0)
         logits = self.decoder_to_logits(out)
         return logits.transpose(0, 1) if batch_first else logits
 
@@ -385,7 +395,10 @@ class SequenceDDVAE(nn.Module):
         n_special = len(SPECIAL_TOKENS)  # ids 0..3: pad, bos, eos, unk
         token_gates, latent_gates = self._first_layer_input_gates(z)
         for _ in range(max_length + 1):
-            x = self._greedy_step(token_gates.index_select(0, token) + latent_gates, h)
+            gates_in = token_gates.index_select(0, token)
+            if latent_gates is not None:
+                gates_in += latent_gates
+            x = self._greedy_step(gates_in, h)
             index = deterministic_argmax(self.decoder_to_logits(x))
             is_eos = index == vocab.eos
             bad = (index == UNDEFINED_TOKEN) | ((index < n_special) & ~is_eos)
@@ -398,15 +411,16 @@ class SequenceDDVAE(nn.Module):
         valid &= finished  # no eos within max_length tokens
         return torch.stack(steps, dim=1), valid
 
-    def _first_layer_input_gates(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _first_layer_input_gates(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The decoder's first-layer input gates W_ih [emb(token); z] + b_ih in two
         parts: a (V, 3H) table over tokens and the (n, 3H) latent part, which is
-        the same at every step. Greedy decoding adds one row of each per step
-        instead of a matrix product over the concatenated input."""
+        the same at every step (None when the decoder does not read z at every
+        step). Greedy decoding adds one row of each per step instead of a matrix
+        product over the concatenated input."""
         rnn, e = self.decoder_rnn, self.decoder_embedding.embedding_dim
         w = rnn.weight_ih_l0
         table = F.linear(self.decoder_embedding.weight, w[:, :e], rnn.bias_ih_l0)
-        return table, F.linear(z, w[:, e:])
+        return table, F.linear(z, w[:, e:]) if self.config.z_every_step else None
 
     def _greedy_step(self, gates_in: torch.Tensor, h: list[torch.Tensor]) -> torch.Tensor:
         """One step of the decoder GRU (nn.GRU's equations, updating ``h`` in
