@@ -1,6 +1,6 @@
 """Figure 5 runs beside the authors' published numbers (issue 8).
 
-    .venv/bin/python benchmarks/figure5_table.py                       the three full-length runs
+    .venv/bin/python benchmarks/figure5_table.py --images              the three presets' runs
     .venv/bin/python benchmarks/figure5_table.py --name figure5_ablations \\
         --run "U_T, 100 epochs"=runs/fig5/ut "U_T + fine-tuning 10"=runs/ablate/ut_ft
 
@@ -79,7 +79,7 @@ def summarize(label: str, out: Path) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--run", nargs="+", default=DEFAULT_RUNS, help="LABEL=DIR ...")
-    parser.add_argument("--name", default="figure5_full", help="results file name")
+    parser.add_argument("--name", default="figure5_presets", help="results file name")
     parser.add_argument("--images", action="store_true", help="copy the latent maps to docs/")
     args = parser.parse_args(argv)
     rows = []

@@ -258,6 +258,27 @@ def test_shipped_configs_and_rules():
         assert shipped.data.n_samples == 100_000 and shipped.data.p_one == 0.8
 
 
+def test_benchmark_ablation_configs_are_their_panels_preset_but_for_their_factors():
+    """benchmarks/configs/figure5_<panel>_<factor>.toml each train the panel of
+    the preset they are named after (same prior, proposal, mode, sizes, data
+    size) and differ from it somewhere (else they would ablate nothing)."""
+    paths = sorted((Path(__file__).parent.parent / "benchmarks" / "configs").glob("*.toml"))
+    assert paths
+    for path in paths:
+        panel = "_".join(path.stem.split("_")[:2])  # figure5_ut_no_clamp -> figure5_ut
+        base = load_config(builtin_config(panel)).resolve()
+        ablation = load_config(path).resolve()
+        fields = ("prior", "proposal", "mode", "hidden_size", "num_layers", "latent_dim")
+        for field in fields:
+            assert getattr(ablation.model, field) == getattr(base.model, field), (path, field)
+        assert ablation.data.n_samples == base.data.n_samples, path
+        assert (ablation.model, ablation.train, ablation.data) != (
+            base.model,
+            base.train,
+            base.data,
+        ), path
+
+
 def test_rules_set_model_settings_on_load_and_on_override(tmp_path):
     # A rule's model settings apply whenever the ModelConfig is built: from the
     # file itself (whose own decoder_input would be refused with this prior)
