@@ -59,6 +59,7 @@ def summarize(label: str, out: Path) -> dict:
         "lr halved every": train["lr_step_epochs"],
         # Checkpoints from before the setting existed had z at every step.
         "z every step": config["model"].get("z_every_step", True),
+        "decoder input": config["model"].get("decoder_input", "z"),
         "KL": metrics["prior_decoding_kl"],
         "KL authors": authors_kl,
         "JS": metrics["prior_decoding_js"],
@@ -119,6 +120,7 @@ def main(argv=None) -> int:
             "beta end",
             "lr halved every",
             "z every step",
+            "decoder input",
             "KL",
             "KL authors",
             "JS",

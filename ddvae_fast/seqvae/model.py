@@ -5,10 +5,10 @@ state) and maps the final hidden states of all layers to the proposal's
 location mu and log-scale log sigma. With a uniform prior, (mu, sigma) go
 through Eq. 9-10 so that the proposal's support lies inside [-1, 1]^d.
 
-The decoder is conditioned on z twice: z sets the initial hidden state of
-every layer (through a linear map), and z is concatenated to the token
+The decoder is conditioned on z through the initial hidden state of every
+layer (a linear map of z) and, by default, also reads z beside the token
 embedding at every step (ModelConfig.z_every_step; the authors' model has
-the initial state only). It reads ``bos + tokens`` and predicts
+the initial states only). It reads ``bos + tokens`` and predicts
 ``tokens + eos``; being causal, positions past a string's end do not affect
 the positions before it, so padded targets are simply ignored by the loss.
 
