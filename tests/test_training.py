@@ -258,6 +258,24 @@ def test_shipped_configs_and_rules():
         assert shipped.data.n_samples == 100_000 and shipped.data.p_one == 0.8
 
 
+def test_a_config_with_a_base_overrides_the_built_in_config_key_by_key(tmp_path):
+    path = tmp_path / "variant.toml"
+    path.write_text(
+        'base = "figure5_ut"\nname = "v"\n[train]\nseed = 7\n[model]\nz_every_step = true\n'
+    )
+    variant = load_config(path)
+    base = load_config(builtin_config("figure5_ut"))
+    assert (variant.name, variant.train.seed, variant.model.z_every_step) == ("v", 7, True)
+    assert variant.train.beta_end == base.train.beta_end and variant.data == base.data
+    assert base.train.seed != 7 and base.model.z_every_step is False  # both really changed
+    path.write_text("base = 3\n")
+    with pytest.raises(ValueError, match="base must be a built-in config name"):
+        load_config(path)
+    path.write_text('base = "no_such_config"\n')
+    with pytest.raises(ValueError, match="no built-in config 'no_such_config'"):
+        load_config(path)
+
+
 def test_benchmark_ablation_configs_are_their_panels_preset_but_for_their_factors():
     """benchmarks/configs/figure5_<panel>_<factor>.toml each train the panel of
     the preset they are named after (same prior, proposal, mode, sizes, data

@@ -274,7 +274,30 @@ def _split_rule(rule: dict) -> tuple[dict, dict]:
 
 def read_config_file(path) -> dict:
     """The tables of a TOML config file; a missing, unreadable or invalid file is a
-    ValueError or FileNotFoundError naming it."""
+    ValueError or FileNotFoundError naming it.
+
+    A top-level ``base = "NAME"`` starts from the built-in config NAME (one of
+    ddvae_fast/seqvae/configs/, which have no base themselves) and overrides it
+    key by key within each table, so that a variant states only what it changes.
+    """
+    values = _read_toml(path)
+    if "base" not in values:
+        return values
+    base_name = values.pop("base")
+    if not isinstance(base_name, str):
+        raise ValueError(f"config file {str(path)!r}: base must be a built-in config name")
+    merged = _read_toml(builtin_config(base_name))
+    if "base" in merged:
+        raise ValueError(f"built-in config {base_name!r} has a base itself")
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = {**merged[key], **value}
+        else:
+            merged[key] = value
+    return merged
+
+
+def _read_toml(path) -> dict:
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"config file {str(path)!r} is a directory, expected a TOML file")
